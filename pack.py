@@ -1,0 +1,595 @@
+"""
+pack.py: tokenize real and synthetic documents and pack them into one token file per stream.
+
+    python pack.py --real sample_data/train.jsonl --mode real --out out/data/real
+    python pack.py --real sample_data/train.jsonl --synthetic sample_data/synthetic/rephrase.jsonl \
+        --mode sorted --G 4 --out out/data/sorted          # megadocs, real document last
+    python pack.py ... --mode sorted --real-position front  # or: none (no real document)
+    python pack.py ... --mode shuffled                      # rephrases as separate documents
+    python pack.py --real ... --synthetic sample_data/synthetic/latent.jsonl --mode latent --G 2
+
+Reads:  real documents, JSONL {"id", "text", ...}; synthetic records written by generate.py,
+        JSONL {"id", "source_id", "kind", "index", "text", "finish_reason", ...} (+ "cut_char" for latent).
+Writes: OUT.bin   header (magic, version, dtype, token count, vocab size, BOS id) + uint16/uint32 tokens
+        OUT.idx   header + one record per document: start offset, source-group id, kind
+        OUT.json  the pack's settings and summary (documents and tokens per kind, ...)
+
+Every document starts with the BOS token (<|endoftext|> for GPT-2). Documents are joined into one
+stream; train.py cuts it into fixed windows, so a megadoc longer than the context continues in the
+next window. The source-group id of a document is the index of its real source document, which is
+what the `megadoc` attention mask compares.
+
+The stream modes (G = generations used per source: those with index < G, so one generation run at
+G = 32 serves every smaller G):
+  real      real documents only, shuffled.
+  shuffled  real documents + every rephrase as its own document, all shuffled together.
+  sorted    one megadoc per source: its G rephrases in index order, then the real document
+            (--real-position back, the paper's default; or front; or none). Megadocs are shuffled.
+  latent    one stretched document per source: the real text cut at the thoughts' cut points,
+            with each thought inserted at its cut between THOUGHT_OPEN and THOUGHT_CLOSE.
+Self-distillation samples are packed like rephrases (--synthetic-kind self-distill).
+
+Memory does not grow with the corpus text: documents are read and tokenized in batches into a
+temporary token store on disk, and only a few integers per document stay in memory.
+"""
+import argparse
+import array
+import base64
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+import tiktoken
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+# The GPT-2 (r50k_base) pre-tokenization regex and the Llama-3 one. With the same ranks these give
+# ids identical to tiktoken's own encodings.
+PATTERNS = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+    "llama3": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
+
+
+def llama3_special_tokens(n_ranks):
+    """The 256 special tokens that follow Llama 3's 128,000 ranks."""
+    named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
+             6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
+             10: "<|python_tag|>"}
+    specials, reserved = {}, 0
+    for i in range(256):
+        if i in named:
+            name = named[i]
+        else:
+            name = f"<|reserved_special_token_{reserved}|>"
+            reserved += 1
+        specials[name] = n_ranks + i
+    return specials
+
+
+def read_ranks(path):
+    """Read a tiktoken ranks file: one 'base64-token rank' pair per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: not a tiktoken ranks line ({e})") from None
+    return ranks
+
+
+def load_tokenizer(spec="gpt2", pattern=None, bos_token=None):
+    """Return (tiktoken.Encoding, bos_id), built from local files only (no download).
+
+    spec: "gpt2" (the GPT-2 vocabulary shipped in assets/) or a path to any tiktoken ranks file
+    (Llama 3's tokenizer.model is one). pattern: a key of PATTERNS or a regex; by default "gpt2",
+    or "llama3" for a 128,000-rank file. The special tokens: Llama 3's set for a 128,000-rank file,
+    otherwise a single <|endoftext|> after the last rank. bos_token: the special token that starts
+    every document; by default <|endoftext|>, or <|begin_of_text|> for Llama 3.
+    """
+    path = os.path.join(ASSETS, "gpt2.tiktoken") if spec == "gpt2" else spec
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer ranks file not found: {path}")
+    ranks = read_ranks(path)
+    n = max(ranks.values()) + 1
+    is_llama3 = n == 128000
+    if is_llama3:
+        specials = llama3_special_tokens(n)
+    else:
+        specials = {"<|endoftext|>": n}
+    pattern = pattern or ("llama3" if is_llama3 else "gpt2")
+    pat_str = PATTERNS.get(pattern, pattern)
+    name = "gpt2" if spec == "gpt2" else os.path.basename(spec)
+    enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
+    bos_token = bos_token or ("<|begin_of_text|>" if is_llama3 else "<|endoftext|>")
+    if bos_token not in specials:
+        raise ValueError(f"BOS token {bos_token!r} is not a special token of {name}")
+    return enc, specials[bos_token]
+
+
+# -----------------------------------------------------------------------------
+# token files
+
+TOKEN_MAGIC, INDEX_MAGIC, FORMAT_VERSION = b"NSYNTOK1", b"NSYNIDX1", 1
+HEADER_BYTES = 64
+KINDS = ("real", "rephrase", "latent", "self-distill")  # the kind codes stored in the index
+INDEX_RECORD = np.dtype([("start", "<i8"), ("group", "<i8"), ("kind", "u1")])
+THOUGHT_OPEN, THOUGHT_CLOSE = "\n\n<thought>\n", "\n</thought>\n\n"
+
+
+class DataError(Exception):
+    """Bad input: the message names the file (and line) and what is wrong with it."""
+
+
+def token_dtype(vocab_size):
+    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
+def file_paths(prefix):
+    prefix = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+    return prefix + ".bin", prefix + ".idx", prefix + ".json"
+
+
+class TokenFile:
+    """A packed token file opened for reading: tokens (memory-mapped) and its document index.
+
+    Anything that does not add up (magic, version, dtype, size against the header's count,
+    document starts, BOS at every start) is refused with the reason."""
+
+    def __init__(self, prefix):
+        self.bin_path, self.idx_path, self.json_path = file_paths(prefix)
+        for p in (self.bin_path, self.idx_path):
+            if not os.path.exists(p):
+                raise DataError(f"{p}: no such token file (run pack.py first)")
+        with open(self.bin_path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+        if len(header) < HEADER_BYTES or header[:8] != TOKEN_MAGIC:
+            raise DataError(f"{self.bin_path}: not a nanosynth token file (bad magic or short header)")
+        version, itemsize, n_tokens, self.vocab_size, self.bos_id = np.frombuffer(
+            header, dtype="<u8", count=5, offset=8).tolist()
+        if version != FORMAT_VERSION:
+            raise DataError(f"{self.bin_path}: format version {version}, this pack.py reads {FORMAT_VERSION}")
+        dtype = token_dtype(self.vocab_size)
+        if itemsize != dtype.itemsize:
+            raise DataError(f"{self.bin_path}: {itemsize}-byte tokens for vocabulary {self.vocab_size}")
+        expected = HEADER_BYTES + n_tokens * itemsize
+        actual = os.path.getsize(self.bin_path)
+        if actual != expected:
+            raise DataError(f"{self.bin_path}: truncated or corrupt: header says {n_tokens} tokens "
+                            f"({expected} bytes), file has {actual} bytes")
+        self.tokens = np.memmap(self.bin_path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+        with open(self.idx_path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+            if len(header) < HEADER_BYTES or header[:8] != INDEX_MAGIC:
+                raise DataError(f"{self.idx_path}: not a nanosynth index file (bad magic or short header)")
+            version, n_docs, idx_tokens = np.frombuffer(header, dtype="<u8", count=3, offset=8).tolist()
+            body = f.read()
+            records = np.frombuffer(body[: len(body) - len(body) % INDEX_RECORD.itemsize], dtype=INDEX_RECORD)
+        if version != FORMAT_VERSION or idx_tokens != n_tokens:
+            raise DataError(f"{self.idx_path}: does not belong to {self.bin_path} "
+                            f"(version {version}, {idx_tokens} tokens vs {n_tokens})")
+        if len(records) != n_docs or len(body) % INDEX_RECORD.itemsize:
+            raise DataError(f"{self.idx_path}: truncated or corrupt: header says {n_docs} documents, has {len(records)}")
+        self.starts, self.groups, self.kinds = (records["start"].copy(), records["group"].copy(),
+                                                records["kind"].copy())
+        bad = (n_docs == 0 or self.starts[0] != 0 or np.any(np.diff(self.starts) <= 0)
+               or self.starts[-1] >= n_tokens or np.any(self.kinds >= len(KINDS)))
+        if bad or np.any(self.tokens[self.starts] != self.bos_id):
+            raise DataError(f"{self.idx_path}: document starts are corrupt (not increasing from 0, "
+                            f"out of range, or not on a BOS token)")
+        self.meta = {}
+        if os.path.exists(self.json_path):
+            with open(self.json_path) as f:
+                self.meta = json.load(f)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def group_ids(self, start, length):
+        """The source-group id of each token position in [start, start + length)."""
+        doc = np.searchsorted(self.starts, np.arange(start, start + length), side="right") - 1
+        return self.groups[doc]
+
+
+class TokenWriter:
+    """Appends documents to OUT.bin / OUT.idx through temporary files; close() renames them into
+    place, so a crash never leaves a half-written token file under the final name."""
+
+    def __init__(self, prefix, vocab_size, bos_id):
+        self.paths = file_paths(prefix)
+        os.makedirs(os.path.dirname(os.path.abspath(self.paths[0])), exist_ok=True)
+        self.vocab_size, self.bos_id, self.dtype = vocab_size, bos_id, token_dtype(vocab_size)
+        self.bin = open(self.paths[0] + ".tmp", "wb")
+        self.idx = open(self.paths[1] + ".tmp", "wb")
+        self.bin.write(bytes(HEADER_BYTES))
+        self.idx.write(bytes(HEADER_BYTES))
+        self.n_tokens = self.n_docs = 0
+        self.pending, self.pending_docs = [], []
+
+    def add(self, kind, group, pieces):
+        """One document: BOS followed by the token arrays in `pieces`."""
+        self.pending_docs.append((self.n_tokens, group, kind))
+        self.pending.append(np.array([self.bos_id], dtype=self.dtype))
+        self.pending.extend(pieces)
+        self.n_tokens += 1 + sum(len(p) for p in pieces)
+        self.n_docs += 1
+        if len(self.pending) > 4096:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            self.bin.write(np.concatenate(self.pending).astype(self.dtype, copy=False).tobytes())
+            self.idx.write(np.array(self.pending_docs, dtype=INDEX_RECORD).tobytes())
+            self.idx.flush()
+        self.pending, self.pending_docs = [], []
+
+    def close(self, meta):
+        self.flush()
+        self.bin.seek(0)
+        self.bin.write(TOKEN_MAGIC + np.array([FORMAT_VERSION, self.dtype.itemsize, self.n_tokens,
+                                               self.vocab_size, self.bos_id], dtype="<u8").tobytes())
+        self.idx.seek(0)
+        self.idx.write(INDEX_MAGIC + np.array([FORMAT_VERSION, self.n_docs, self.n_tokens], dtype="<u8").tobytes())
+        for f, path in ((self.bin, self.paths[0]), (self.idx, self.paths[1])):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(path + ".tmp", path)
+        with open(self.paths[2] + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(self.paths[2] + ".tmp", self.paths[2])
+
+
+# -----------------------------------------------------------------------------
+# reading documents
+
+def read_jsonl(path):
+    """Yield (line number, object) for each non-blank line; a bad line is an error naming it."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def require(obj, field, types, where):
+    value = obj.get(field)
+    if not isinstance(value, types) or isinstance(value, bool):
+        got = "missing" if field not in obj else f"{type(value).__name__} {value!r:.40}"
+        raise DataError(f"{where}: field {field!r} must be {'/'.join(t.__name__ for t in types)}, got {got}")
+    return value
+
+
+class SegmentStore:
+    """Tokenized text segments in a temporary file on disk, tokenized in batches. Segments are
+    referred to by number; `get` reads one back through a memory map."""
+
+    def __init__(self, path, enc, dtype, threads, batch_chars=1 << 22):
+        self.path, self.enc, self.dtype, self.threads = path, enc, dtype, threads
+        self.file = open(path, "wb")
+        self.offsets, self.lengths = array.array("q"), array.array("q")
+        self.queue, self.queued_chars, self.n_written, self.batch_chars = [], 0, 0, batch_chars
+        self.view = None
+
+    def add(self, text):
+        self.queue.append(text)
+        self.queued_chars += len(text)
+        if self.queued_chars >= self.batch_chars:
+            self.flush()
+        return len(self.offsets) + len(self.queue) - 1
+
+    def flush(self):
+        if not self.queue:
+            return
+        for ids in self.enc.encode_ordinary_batch(self.queue, num_threads=self.threads):
+            self.offsets.append(self.n_written)
+            self.lengths.append(len(ids))
+            self.file.write(np.asarray(ids, dtype=self.dtype).tobytes())
+            self.n_written += len(ids)
+        self.queue, self.queued_chars = [], 0
+
+    def get(self, segment):
+        if self.view is None:
+            self.flush()
+            self.file.close()
+            self.view = np.memmap(self.path, dtype=self.dtype, mode="r") if self.n_written else np.zeros(0, self.dtype)
+        start = self.offsets[segment]
+        return self.view[start: start + self.lengths[segment]]
+
+    def close(self):
+        self.view = None
+        if not self.file.closed:
+            self.file.close()
+        os.remove(self.path)
+
+
+def id_hash(*parts):
+    return int.from_bytes(hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+def first_duplicate(hashes, where):
+    """If two entries of `hashes` are equal, return the places (file:line) of the first such pair."""
+    hashes = np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64)
+    order = np.argsort(hashes, kind="stable")
+    same = np.nonzero(hashes[order][1:] == hashes[order][:-1])[0]
+    if len(same) == 0:
+        return None
+    a, b = sorted((order[same[0]], order[same[0] + 1]))
+    return where(a), where(b)
+
+
+def read_real(path, store, split_at=None):
+    """Real documents -> (ids, segment ids of each document's pieces). Only in latent mode does
+    split_at(id, text, where) give character cuts; otherwise a document is one piece."""
+    ids, segments, hashes, lines = [], [], array.array("Q"), array.array("q")
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        doc_id = require(obj, "id", (str,), where)
+        text = require(obj, "text", (str,), where)
+        if not text.strip():
+            raise DataError(f"{where}: document {doc_id!r} has empty text")
+        ids.append(doc_id)
+        hashes.append(id_hash(doc_id))
+        lines.append(lineno)
+        cuts = [0] + (split_at(doc_id, text, where) if split_at else []) + [len(text)]
+        segments.append([store.add(text[a:b]) for a, b in zip(cuts, cuts[1:])])
+    dup = first_duplicate(hashes, lambda i: f"{path}:{lines[i]}")
+    if dup:
+        raise DataError(f"duplicate document id: {dup[1]} repeats the id of {dup[0]}")
+    if not ids:
+        raise DataError(f"{path}: no documents")
+    return ids, segments
+
+
+def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
+    """Synthetic records of `kind` with index < G whose source is known -> arrays
+    (source, index, segment, cut_char). Everything not used is counted in `counts`."""
+    source, index, segment, cut = (array.array("q") for _ in range(4))
+    hashes, places = array.array("Q"), []
+    for file_no, path in enumerate(paths):
+        for lineno, obj in read_jsonl(path):
+            where = f"{path}:{lineno}"
+            rec_id = require(obj, "id", (str,), where)
+            source_id = require(obj, "source_id", (str,), where)
+            rec_kind = require(obj, "kind", (str,), where)
+            rec_index = require(obj, "index", (int,), where)
+            text = require(obj, "text", (str,), where)
+            hashes.append(id_hash(rec_id))
+            places.append(where)
+            hashes.append(id_hash(source_id, rec_kind, rec_index))
+            places.append(where)
+            if rec_kind not in KINDS[1:]:
+                raise DataError(f"{where}: unknown kind {rec_kind!r} (expected one of {KINDS[1:]})")
+            if rec_index < 0:
+                raise DataError(f"{where}: negative index {rec_index}")
+            counts["records read"] += 1
+            if rec_kind != kind:
+                counts[f"records of another kind ({rec_kind}), not used"] += 1
+                continue
+            if source_id not in source_index:
+                counts["records whose source is not among the real documents, not used"] += 1
+                counts.setdefault("first unknown source", f"{where}: source_id {source_id!r}")
+                continue
+            if rec_index >= G:
+                counts[f"records with index >= G = {G}, not used"] += 1
+                continue
+            if obj.get("finish_reason") == "length" and not keep_truncated:
+                counts["truncated generations (finish_reason 'length'), excluded"] += 1
+                continue
+            if not text.strip():
+                counts["empty generations, excluded"] += 1
+                continue
+            if kind == "latent":
+                cut.append(require(obj, "cut_char", (int,), where))
+            source.append(source_index[source_id])
+            index.append(rec_index)
+            segment.append(store.add(text))
+    dup = first_duplicate(hashes, lambda i: places[i])
+    if dup:
+        raise DataError(f"duplicate synthetic record: {dup[1]} repeats the id or the "
+                        f"(source_id, kind, index) of {dup[0]}")
+    as_np = lambda a: np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
+    return as_np(source), as_np(index), as_np(segment), as_np(cut)
+
+
+# -----------------------------------------------------------------------------
+# packing
+
+def document_order(mode, n_real, syn_source, syn_index, real_position, rng):
+    """The packed stream as a list of documents, each (kind of document, source group, items),
+    where an item is ("real", source) or ("syn", record number). This is the megadoc logic."""
+    if mode == "real":
+        return [("real", s, [("real", s)]) for s in rng.permutation(n_real)]
+    by_source = np.lexsort((syn_index, syn_source))  # records grouped by source, then by index
+    starts = np.searchsorted(syn_source[by_source], np.arange(n_real + 1))
+    records_of = lambda s: by_source[starts[s]: starts[s + 1]].tolist()
+    if mode == "shuffled":
+        docs = [("syn", s, [("syn", r)]) for s in range(n_real) for r in records_of(s)]
+        if real_position != "none":
+            docs += [("real", s, [("real", s)]) for s in range(n_real)]
+        return [docs[i] for i in rng.permutation(len(docs))]
+    docs = []
+    for s in rng.permutation(n_real).tolist():
+        if mode == "latent":   # one stretched document: items are resolved against the cuts later
+            thoughts = [("syn", r) for r in records_of(s)]
+            docs.append(("latent", s, thoughts) if thoughts else ("real", s, [("real", s)]))
+            continue
+        megadoc = [("syn", s, [("syn", r)]) for r in records_of(s)]
+        real = [("real", s, [("real", s)])]
+        if real_position == "back":
+            megadoc = megadoc + real
+        elif real_position == "front":
+            megadoc = real + megadoc
+        if not megadoc:
+            continue   # real_position none and no generations for this source
+        docs.extend(megadoc)
+    return docs
+
+
+def windows_with_repeated_source(starts, groups, n_tokens, context):
+    """Share of context windows (train.py's fixed cut) that hold >= 2 documents of one source."""
+    n_windows = max((n_tokens - 1) // context, 0)
+    if n_windows == 0:
+        return 0.0
+    ends = np.append(starts[1:], n_tokens)
+    first, last = starts // context, np.minimum((ends - 1) // context, n_windows - 1)
+    keep = first < n_windows
+    first, last, groups = first[keep], last[keep], groups[keep]
+    span = last - first + 1
+    window = np.repeat(first, span) + (np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span))
+    key = window * (groups.max() + 1) + np.repeat(groups, span)
+    keys, counts = np.unique(key, return_counts=True)
+    return len(np.unique(keys[counts >= 2] // (groups.max() + 1))) / n_windows
+
+
+def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
+         synthetic_kind=None, seed=0, tokenizer="gpt2", keep_truncated=False, context=1024,
+         threads=8, log=print):
+    """Pack one stream; returns its summary (also written to OUT.json)."""
+    if mode not in ("real", "shuffled", "sorted", "latent"):
+        raise ValueError(f"unknown mode {mode!r}")
+    if mode != "real" and not synthetic:
+        raise ValueError(f"mode {mode!r} needs --synthetic records")
+    if real_position not in ("back", "front", "none"):
+        raise ValueError(f"unknown real position {real_position!r}")
+    if G < 1:
+        raise ValueError("G must be >= 1")
+    kind = "latent" if mode == "latent" else (synthetic_kind or "rephrase")
+    t0 = time.time()
+    enc, bos_id = load_tokenizer(tokenizer)
+    dtype = token_dtype(enc.n_vocab)
+    store = SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads)
+    counts = Counter()
+    try:
+        if mode == "latent":
+            # the cut points come with the thoughts, so read the real ids first, then the thoughts,
+            # then tokenize each real document in pieces
+            source_index = {doc_id: i for i, (_, doc_id) in enumerate(
+                (n, require(o, "id", (str,), f"{real_path}:{n}")) for n, o in read_jsonl(real_path))}
+            syn_source, syn_index, syn_segment, syn_cut = read_synthetic(
+                synthetic, kind, G, source_index, keep_truncated, store, counts)
+            order = np.lexsort((syn_cut, syn_source))
+            starts = np.searchsorted(syn_source[order], np.arange(len(source_index) + 1))
+
+            def split_at(doc_id, text, where):
+                cuts = syn_cut[order[starts[source_index[doc_id]]: starts[source_index[doc_id] + 1]]].tolist()
+                if cuts and not (0 < cuts[0] and cuts[-1] < len(text)):
+                    raise DataError(f"{where}: a latent thought of {doc_id!r} cuts at {cuts}, outside "
+                                    f"the document's {len(text)} characters")
+                return cuts
+            real_ids, real_segments = read_real(real_path, store, split_at)
+            open_seg, close_seg = store.add(THOUGHT_OPEN), store.add(THOUGHT_CLOSE)
+        else:
+            real_ids, real_segments = read_real(real_path, store)
+            source_index = {doc_id: i for i, doc_id in enumerate(real_ids)}
+            syn_source = syn_index = syn_segment = syn_cut = np.zeros(0, np.int64)
+            if mode != "real":
+                syn_source, syn_index, syn_segment, syn_cut = read_synthetic(
+                    synthetic, kind, G, source_index, keep_truncated, store, counts)
+        store.flush()
+        rng = np.random.default_rng(seed)
+        docs = document_order(mode, len(real_ids), syn_source, syn_index, real_position, rng)
+
+        writer = TokenWriter(out, enc.n_vocab, bos_id)
+        kind_code = {"real": 0, "syn": KINDS.index(kind), "latent": KINDS.index("latent")}
+        per_kind = {k: [0, 0] for k in KINDS}
+        for doc_kind, group, items in docs:
+            if doc_kind == "latent":   # piece 0, thought 0, piece 1, ..., thought G-1, piece G
+                thoughts = sorted((syn_cut[r], r) for _, r in items)
+                pieces = real_segments[group]
+                segs = [pieces[0]]
+                for (_, r), piece in zip(thoughts, pieces[1:]):
+                    segs += [open_seg, syn_segment[r], close_seg, piece]
+            else:
+                segs = [seg for src, x in items for seg in (real_segments[x] if src == "real" else [syn_segment[x]])]
+            arrays = [store.get(s) for s in segs]
+            start = writer.n_tokens
+            writer.add(kind_code[doc_kind], group, arrays)
+            stats = per_kind[KINDS[kind_code[doc_kind]]]
+            stats[0] += 1
+            stats[1] += writer.n_tokens - start
+
+        with_generations = len(np.unique(syn_source))
+        writer.flush()
+        index = np.fromfile(writer.paths[1] + ".tmp", dtype=INDEX_RECORD, offset=HEADER_BYTES)
+        n_groups = len(np.unique(index["group"]))
+        summary = {
+            "mode": mode, "G": G, "real_position": real_position if mode in ("sorted", "shuffled") else None,
+            "synthetic_kind": kind if mode != "real" else None, "seed": seed, "tokenizer": tokenizer,
+            "vocab_size": enc.n_vocab, "bos_id": bos_id, "real": real_path, "synthetic": list(synthetic),
+            "documents": writer.n_docs, "tokens": writer.n_tokens,
+            "per_kind": {k: {"documents": d, "tokens": t} for k, (d, t) in per_kind.items() if d},
+            "sources": len(real_ids),
+            "sources with generations": with_generations,
+            "sources with fewer than G generations": int(len(real_ids) - np.sum(
+                np.bincount(syn_source, minlength=len(real_ids)) >= G)) if mode != "real" else None,
+            "mean megadoc tokens": writer.n_tokens / max(n_groups, 1),
+            "context": context,
+            "windows with 2+ documents of one source": windows_with_repeated_source(
+                index["start"], index["group"], writer.n_tokens, context),
+            "records": dict(counts),
+            "seconds": round(time.time() - t0, 2),
+        }
+        writer.close(dict(summary, source_ids=real_ids))
+    finally:
+        store.close()
+    print_summary(out, summary, log)
+    return summary
+
+
+def print_summary(out, s, log=print):
+    log(f"packed {out}.bin: mode {s['mode']}" + (f", G = {s['G']}" if s["mode"] != "real" else "") +
+        f", {s['documents']:,} documents, {s['tokens']:,} tokens in {s['seconds']:.1f}s")
+    for k, v in s["per_kind"].items():
+        log(f"  {k:<13} {v['documents']:>9,} documents {v['tokens']:>12,} tokens")
+    log(f"  mean megadoc (source group) length: {s['mean megadoc tokens']:,.1f} tokens")
+    log(f"  context windows of {s['context']} holding 2+ documents of one source: "
+        f"{100 * s['windows with 2+ documents of one source']:.1f}%")
+    if s["mode"] != "real":
+        log(f"  sources with generations: {s['sources with generations']:,} of {s['sources']:,}; "
+            f"with fewer than G: {s['sources with fewer than G generations']:,}")
+    for k, v in s["records"].items():
+        log(f"  {k}: {v}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real", required=True, help="real documents, JSONL {id, text}")
+    ap.add_argument("--synthetic", nargs="*", default=[], help="generate.py output files (JSONL)")
+    ap.add_argument("--mode", default="real", choices=["real", "shuffled", "sorted", "latent"])
+    ap.add_argument("--G", type=int, default=1, help="use generations with index < G per source")
+    ap.add_argument("--real-position", default="back", choices=["back", "front", "none"],
+                    help="sorted: where the real document goes in its megadoc; none drops it (also in shuffled)")
+    ap.add_argument("--synthetic-kind", default="rephrase", choices=["rephrase", "self-distill"])
+    ap.add_argument("--keep-truncated", action="store_true", help="keep generations cut at the length limit")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tiktoken ranks file")
+    ap.add_argument("--context", type=int, default=1024, help="window length for the summary statistic")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", required=True, help="output prefix: writes OUT.bin, OUT.idx, OUT.json")
+    args = ap.parse_args(argv)
+    try:
+        pack(args.real, args.out, args.mode, args.synthetic, args.G, args.real_position,
+             args.synthetic_kind, args.seed, args.tokenizer, args.keep_truncated, args.context, args.threads)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

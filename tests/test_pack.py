@@ -1,0 +1,227 @@
+"""pack.py: exact token ids, exact document order for every mode, token file round trips, bad input."""
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import pack
+from pack import DataError, TokenFile, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENC, BOS = load_tokenizer("gpt2")
+
+REAL = [
+    {"id": "a", "text": "Alpha is the first letter. It starts the alphabet. Greeks wrote it."},
+    {"id": "b", "text": "Bravo is a word of praise."},
+    {"id": "c", "text": "Charlie has no rephrases at all."},
+]
+SYNTH = [  # a has three rephrases (one beyond G=2), b has one plus a truncated one
+    {"id": "a/rephrase/1", "source_id": "a", "kind": "rephrase", "index": 1, "text": "A1 text.", "finish_reason": "stop"},
+    {"id": "a/rephrase/0", "source_id": "a", "kind": "rephrase", "index": 0, "text": "A0 text.", "finish_reason": "stop"},
+    {"id": "a/rephrase/2", "source_id": "a", "kind": "rephrase", "index": 2, "text": "A2 text.", "finish_reason": "stop"},
+    {"id": "b/rephrase/0", "source_id": "b", "kind": "rephrase", "index": 0, "text": "B0 text.", "finish_reason": "stop"},
+    {"id": "b/rephrase/1", "source_id": "b", "kind": "rephrase", "index": 1, "text": "B1 cut", "finish_reason": "length"},
+    {"id": "z/rephrase/0", "source_id": "z", "kind": "rephrase", "index": 0, "text": "Zulu.", "finish_reason": "stop"},
+    {"id": "a/latent/0", "source_id": "a", "kind": "latent", "index": 0, "text": "Thought one.", "cut_char": 27, "num_cuts": 2},
+    {"id": "a/latent/1", "source_id": "a", "kind": "latent", "index": 1, "text": "Thought two.", "cut_char": 51, "num_cuts": 2},
+]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_jsonl(tmp_path / "real.jsonl", REAL), write_jsonl(tmp_path / "synth.jsonl", SYNTH)
+
+
+def documents(prefix):
+    """The packed stream back as (kind, group, text) per document."""
+    tf = TokenFile(prefix)
+    ends = list(tf.starts[1:]) + [len(tf)]
+    out = []
+    for s, e, g, k in zip(tf.starts, ends, tf.groups, tf.kinds):
+        assert tf.tokens[s] == BOS
+        out.append((pack.KINDS[k], int(g), ENC.decode(tf.tokens[s + 1:e].tolist())))
+    return out
+
+
+def run(tmp_path, corpus, mode, **kw):
+    out = str(tmp_path / mode)
+    summary = pack.pack(corpus[0], out, mode, [corpus[1]], log=lambda *a: None, **kw)
+    return documents(out), summary
+
+
+def test_gpt2_ids_exact():
+    assert ENC.encode_ordinary("Hello world") == [15496, 995]
+    assert BOS == 50256 and ENC.n_vocab == 50257
+
+
+def test_gpt2_ids_identical_to_tiktoken(tmp_path, monkeypatch):
+    # tiktoken's "gpt2" and "r50k_base" are one vocabulary and one regex; r50k_base loads from the
+    # ranks file we ship, placed in tiktoken's cache (named by the sha1 of its URL) instead of the
+    # network. tiktoken checks the file's sha256 itself.
+    import tiktoken
+    import tiktoken.registry
+    url = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+    shutil.copy(os.path.join(ROOT, "assets", "gpt2.tiktoken"), tmp_path / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    reference = tiktoken.get_encoding("r50k_base")
+    texts = [json.loads(l)["text"] for l in open(os.path.join(ROOT, "sample_data", "train.jsonl"))][:400]
+    texts += ["  trailing spaces   ", "tabs\tand\nnewlines\n\n", "numbers 1234567 and 's 'll 've"]
+    assert ENC.encode_ordinary_batch(texts) == reference.encode_ordinary_batch(texts)
+
+
+def test_custom_ranks_file_and_uint32(tmp_path):
+    # a tiny byte-level vocabulary plus unreachable filler tokens, large enough to need uint32
+    import base64
+    ranks = [bytes([i]) for i in range(256)] + [b"he", b"ll", b"hell"]
+    ranks += [b"\x00\x01" + i.to_bytes(3, "little") for i in range(70000 - len(ranks))]
+    with open(tmp_path / "big.tiktoken", "wb") as f:
+        for r, tok in enumerate(ranks):
+            f.write(base64.b64encode(tok) + b" %d\n" % r)
+    enc, bos = load_tokenizer(str(tmp_path / "big.tiktoken"))
+    assert bos == 70000 and enc.n_vocab == 70001
+    assert enc.encode_ordinary("hello") == [258, 111]  # "hell" + "o"
+    real = write_jsonl(tmp_path / "r.jsonl", [{"id": "x", "text": "hello"}, {"id": "y", "text": "he"}])
+    pack.pack(real, str(tmp_path / "big"), tokenizer=str(tmp_path / "big.tiktoken"), log=lambda *a: None)
+    tf = TokenFile(str(tmp_path / "big"))
+    assert tf.tokens.dtype == np.uint32 and tf.vocab_size == 70001
+    assert sorted(tf.tokens.tolist()) == sorted([70000, 258, 111, 70000, 256])
+
+
+def test_real_mode(tmp_path, corpus):
+    docs, s = run(tmp_path, corpus, "real")
+    assert sorted(docs) == sorted(("real", i, d["text"]) for i, d in enumerate(REAL))
+    assert s["tokens"] == sum(len(ENC.encode_ordinary(d["text"])) + 1 for d in REAL)
+
+
+def test_sorted_back_front_none(tmp_path, corpus):
+    docs, s = run(tmp_path, corpus, "sorted", G=2)
+    megadocs = {0: [("rephrase", 0, "A0 text."), ("rephrase", 0, "A1 text."), ("real", 0, REAL[0]["text"])],
+                1: [("rephrase", 1, "B0 text."), ("real", 1, REAL[1]["text"])],
+                2: [("real", 2, REAL[2]["text"])]}
+    # megadocs are contiguous, in index order, real document last; their order is the seed's
+    order = [g for i, (_, g, _) in enumerate(docs) if i == 0 or docs[i - 1][1] != g]
+    assert sorted(order) == [0, 1, 2]
+    assert docs == [d for g in order for d in megadocs[g]]
+    assert s["records"]["truncated generations (finish_reason 'length'), excluded"] == 1
+    assert s["records"]["records whose source is not among the real documents, not used"] == 1
+    assert s["records"]["records with index >= G = 2, not used"] == 1
+    assert s["records"]["records of another kind (latent), not used"] == 2
+    assert s["sources with fewer than G generations"] == 2
+
+    front, _ = run(tmp_path, corpus, "sorted", G=2, real_position="front")
+    order = [g for i, (_, g, _) in enumerate(front) if i == 0 or front[i - 1][1] != g]
+    assert front == [d for g in order for d in [megadocs[g][-1]] + megadocs[g][:-1]]
+
+    none, _ = run(tmp_path, corpus, "sorted", G=2, real_position="none")
+    assert none == [d for d in docs if d[0] != "real"]
+
+
+def test_shuffled_is_sorted_multiset(tmp_path, corpus):
+    sorted_docs, _ = run(tmp_path, corpus, "sorted", G=3)
+    shuffled, _ = run(tmp_path, corpus, "shuffled", G=3)
+    assert sorted(shuffled) == sorted(sorted_docs) and len(shuffled) == 7
+    no_real, _ = run(tmp_path, corpus, "shuffled", G=3, real_position="none")
+    assert sorted(no_real) == sorted(d for d in sorted_docs if d[0] != "real")
+
+
+def test_keep_truncated_and_G_selection(tmp_path, corpus):
+    docs, _ = run(tmp_path, corpus, "sorted", G=1, keep_truncated=True)
+    assert [t for k, g, t in docs if k == "rephrase"] == ["A0 text.", "B0 text."] or \
+        [t for k, g, t in docs if k == "rephrase"] == ["B0 text.", "A0 text."]
+    docs, _ = run(tmp_path, corpus, "sorted", G=2, keep_truncated=True)
+    assert ("rephrase", 1, "B1 cut") in docs
+
+
+def test_latent_interleaving(tmp_path, corpus):
+    docs, s = run(tmp_path, corpus, "latent", G=2)
+    text = REAL[0]["text"]
+    stretched = (text[:27] + pack.THOUGHT_OPEN + "Thought one." + pack.THOUGHT_CLOSE + text[27:51]
+                 + pack.THOUGHT_OPEN + "Thought two." + pack.THOUGHT_CLOSE + text[51:])
+    assert sorted(docs) == sorted([("latent", 0, stretched), ("real", 1, REAL[1]["text"]), ("real", 2, REAL[2]["text"])])
+    docs1, _ = run(tmp_path, corpus, "latent", G=1)   # only thought 0
+    assert ("latent", 0, text[:27] + pack.THOUGHT_OPEN + "Thought one." + pack.THOUGHT_CLOSE + text[27:]) in docs1
+
+
+def test_deterministic_for_a_seed(tmp_path, corpus):
+    outs = []
+    for name, seed in (("x", 1), ("y", 1), ("z", 2)):
+        pack.pack(corpus[0], str(tmp_path / name), "shuffled", [corpus[1]], G=3, seed=seed, log=lambda *a: None)
+        outs.append(open(tmp_path / f"{name}.bin", "rb").read() + open(tmp_path / f"{name}.idx", "rb").read())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_windows_with_repeated_source():
+    # documents at 0, 3, 6, 9 of groups 0, 0, 1, 2 in 12 tokens; context 4 -> windows [0,4) [4,8)
+    starts, groups = np.array([0, 3, 6, 9]), np.array([0, 0, 1, 2])
+    assert pack.windows_with_repeated_source(starts, groups, 12, 4) == 0.5
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"id": "q", "text": "ok"', "malformed JSON"),
+    ('{"id": "q"}', "field 'text' must be str, got missing"),
+    ('["not", "an", "object"]', "expected a JSON object"),
+    ('{"id": "a", "text": "again"}', "duplicate document id"),
+])
+def test_bad_real_input_names_file_and_line(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", REAL + [line])
+    with pytest.raises(DataError, match=message) as e:
+        pack.pack(path, str(tmp_path / "o"), log=lambda *a: None)
+    assert f"bad.jsonl:{len(REAL) + 1}" in str(e.value)
+    assert not os.path.exists(tmp_path / "o.bin")
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"id": "a/rephrase/0", "source_id": "b", "kind": "rephrase", "index": 5, "text": "x"}, "duplicate synthetic record"),
+    ({"id": "new", "source_id": "a", "kind": "rephrase", "index": 0, "text": "x"}, "duplicate synthetic record"),
+    ({"id": "n2", "source_id": "a", "kind": "rephrase", "index": "0", "text": "x"}, "field 'index' must be int"),
+    ({"id": "n3", "source_id": "a", "kind": "poem", "index": 0, "text": "x"}, "unknown kind 'poem'"),
+])
+def test_bad_synthetic_input_names_file_and_line(tmp_path, record, message):
+    real = write_jsonl(tmp_path / "real.jsonl", REAL)
+    syn = write_jsonl(tmp_path / "syn.jsonl", SYNTH + [record])
+    with pytest.raises(DataError, match=message) as e:
+        pack.pack(real, str(tmp_path / "o"), "sorted", [syn], G=2, log=lambda *a: None)
+    assert f"syn.jsonl:{len(SYNTH) + 1}" in str(e.value)
+
+
+def test_latent_cut_outside_document(tmp_path):
+    real = write_jsonl(tmp_path / "real.jsonl", REAL)
+    syn = write_jsonl(tmp_path / "syn.jsonl", [dict(SYNTH[-1], cut_char=500)])
+    with pytest.raises(DataError, match=r"real.jsonl:1: a latent thought of 'a' cuts at \[500\]"):
+        pack.pack(real, str(tmp_path / "o"), "latent", [syn], G=2, log=lambda *a: None)
+
+
+def test_corrupt_token_files_refused(tmp_path, corpus):
+    prefix = str(tmp_path / "real")
+    pack.pack(corpus[0], prefix, log=lambda *a: None)
+    good_bin, good_idx = open(prefix + ".bin", "rb").read(), open(prefix + ".idx", "rb").read()
+    cases = [
+        (good_bin[:-2], good_idx, "truncated or corrupt: header says"),
+        (b"NOTMAGIC" + good_bin[8:], good_idx, "bad magic"),
+        (good_bin, good_idx[:-5], "header says 3 documents"),
+        (good_bin[:64] + good_bin[66:] + b"\x00\x00", good_idx, "not on a BOS token"),
+    ]
+    for bin_bytes, idx_bytes, message in cases:
+        open(prefix + ".bin", "wb").write(bin_bytes)
+        open(prefix + ".idx", "wb").write(idx_bytes)
+        with pytest.raises(DataError, match=message):
+            TokenFile(prefix)
+    with pytest.raises(DataError, match="no such token file"):
+        TokenFile(str(tmp_path / "missing"))
+
+
+def test_cli_error_exit(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
+    with pytest.raises(SystemExit, match=r"error: .*bad.jsonl:1: malformed JSON"):
+        pack.main(["--real", path, "--out", str(tmp_path / "o")])
