@@ -51,6 +51,9 @@ def jargon_entries(text):
     heads = list(re.finditer(r"^   :(.+?):(.*)$", lexicon, flags=re.M))
     for head, nxt in zip(heads, heads[1:] + [None]):
         body = lexicon[head.end(): nxt.start() if nxt else len(lexicon)]
+        # the last entry of each letter is followed by the next letter's heading ('  O', indented
+        # two spaces, not three) and its list of entry names: navigation, not part of the entry
+        body = re.split(r"\n  [A-Z]\n", body)[0]
         body = textwrap.dedent(body.strip("\n")).strip()
         term, rest = head.group(1), head.group(2).strip()
         first = f"{term}: {rest}" if rest and rest != "//" else term
