@@ -1,0 +1,379 @@
+"""
+model.py: the nanosynth GPT, a small Llama-style decoder written out in one file.
+
+What it is
+    Token embedding -> n_layer pre-norm blocks (RMSNorm, grouped-query attention with RoPE,
+    RMSNorm, SwiGLU MLP) -> final RMSNorm -> untied linear head. No biases anywhere.
+    PRESETS holds the paper's four shapes (150M, 300M, 600M, 1.5B with the 128,256-token
+    Llama-3 vocabulary) and two small CPU shapes.
+
+Attention masks (one predicate, three kinds, see make_mask_mod)
+    causal    q sees k iff k <= q                          (attention crosses documents: "CDA")
+    document  ... and doc[q] == doc[k]                     (block at every document boundary)
+    megadoc   ... and group[q] == group[k]                 (block between source groups only)
+    doc_ids come from document_ids(idx, bos_id) = cumsum(idx == BOS); group_ids are per-token
+    source-group ids that the caller rebuilds from pack.py's side index. The mask is built once per
+    forward pass and shared by every layer.
+
+Two attention paths, one meaning
+    CUDA:      flex_attention (torch.compile'd lazily, once) with a BlockMask.
+    elsewhere: F.scaled_dot_product_attention with a dense boolean (B, 1, T, T) mask, because in
+               torch 2.13 flex_attention has no backward on CPU. Force a path with attn_impl=.
+
+Usage
+    from model import GPT, GPTConfig, document_ids
+    cfg = GPTConfig.from_preset("cpu-demo", vocab_size=50304)
+    model = GPT(cfg)
+    logits, loss = model(idx, targets, doc_ids=document_ids(idx, bos_id=50256), mask_kind="document")
+    out = model.generate(bos_prompt, max_new_tokens=256, temperature=1.0, top_k=None)
+
+Reads and writes no files: checkpointing is train.py's job (save model.state_dict() and
+dataclasses.asdict(cfg); rebuild with GPT(GPTConfig(**d))).
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+MASK_KINDS = ("causal", "document", "megadoc")
+ATTN_IMPLS = ("auto", "flex", "sdpa")
+
+# -----------------------------------------------------------------------------
+# config and presets
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int  # key/value heads for grouped-query attention; must divide n_head
+    n_embd: int
+    mlp_hidden: int  # SwiGLU hidden size (the paper uses 3.5 x n_embd)
+    block_size: int  # maximum context length
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"head dimension n_embd/n_head = {self.n_embd // self.n_head} must be even for RoPE")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """GPTConfig from PRESETS[name]; usually you override vocab_size and/or block_size."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+LLAMA3_VOCAB = 128256
+GPT2_VOCAB_PADDED = 50304  # GPT-2's 50,257 tokens padded up to a multiple of 64
+
+# The paper's shapes (DESIGN.md): head dim = width / heads, SwiGLU hidden = 3.5 x width.
+# Parameter counts with the 128,256 vocabulary: 154,147,328 / 299,649,792 / 602,457,088 / 1,540,732,416.
+PRESETS = {
+    "150M": dict(vocab_size=LLAMA3_VOCAB, n_layer=6, n_head=8, n_kv_head=8, n_embd=512, mlp_hidden=1792, block_size=4096),
+    "300M": dict(vocab_size=LLAMA3_VOCAB, n_layer=12, n_head=12, n_kv_head=12, n_embd=768, mlp_hidden=2688, block_size=4096),
+    "600M": dict(vocab_size=LLAMA3_VOCAB, n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, mlp_hidden=3584, block_size=4096),
+    "1.5B": dict(vocab_size=LLAMA3_VOCAB, n_layer=36, n_head=16, n_kv_head=8, n_embd=1536, mlp_hidden=5376, block_size=4096),
+    # small shapes for CPU runs and tests (SwiGLU hidden ~ 8/3 x width, rounded to a multiple of 16)
+    "cpu-tiny": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, mlp_hidden=176, block_size=256),
+    "cpu-demo": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, mlp_hidden=688, block_size=512),
+}
+
+# -----------------------------------------------------------------------------
+# masks: ONE predicate (make_mask_mod); the dense mask and the BlockMask both come from it
+
+
+def document_ids(idx, bos_id):
+    """(B, T) document ids inside each window: cumsum(idx == bos_id). Tokens before the first BOS
+    (the tail of a document cut by the previous window) get id 0."""
+    return torch.cumsum(idx == bos_id, dim=1)
+
+
+def make_mask_mod(kind, doc_ids=None, group_ids=None):
+    """Flex-style mask_mod(b, h, q_idx, kv_idx) -> bool (True = may attend) for one mask kind.
+    doc_ids / group_ids are (B, T) integer tensors; only the one the kind needs is required."""
+    if kind == "causal":
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx
+    elif kind == "document":
+        if doc_ids is None:
+            raise ValueError("mask_kind='document' needs doc_ids (B, T); see document_ids()")
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+    elif kind == "megadoc":
+        if group_ids is None:
+            raise ValueError("mask_kind='megadoc' needs group_ids (B, T), the per-token source-group ids")
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (group_ids[b, q_idx] == group_ids[b, kv_idx])
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}; choose from {MASK_KINDS}")
+    return mask_mod
+
+
+def dense_mask(mask_mod, B, T, device=None):
+    """The (B, 1, T, T) boolean mask of a mask_mod, by calling it once on broadcastable index
+    tensors. Same values as flex's create_mask(mask_mod, B, 1, T, T) (a test checks this), without
+    create_mask's vmap over every (b, q, kv) triple."""
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q = torch.arange(T, device=device).view(1, 1, T, 1)
+    kv = torch.arange(T, device=device).view(1, 1, 1, T)
+    return mask_mod(b, h, q, kv).expand(B, 1, T, T)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask, enable_gqa):
+    # Uncompiled flex_attention materializes the full score matrix; on CUDA we compile it once,
+    # lazily, so importing this file stays cheap. Off CUDA (tests) it runs eagerly, forward only.
+    global _compiled_flex
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def rope_tables(head_dim, start, T, theta, device):
+    """cos, sin of shape (T, head_dim/2) for positions start..start+T-1, in float32. Cheap enough
+    to recompute once per forward, which avoids buffers that break on meta / to_empty()."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D). Rotate the pair (x[i], x[i + D/2]) by angle pos * inv_freq[i].
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for batched sampling, preallocated to max_len positions
+    (allocated on first use, so dtype/device follow the model and any autocast)."""
+
+    def __init__(self, n_layer, max_len):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.max_len = max_len
+        self.pos = 0  # number of positions already stored; GPT advances it after all layers ran
+
+    def update(self, layer, k, v):
+        B, H, T, D = k.shape
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache is full ({self.pos} + {T} > {self.max_len})")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, H, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, H, self.max_len, D)
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        # mask: a BlockMask (flex path), a bool (B, 1, T, T) tensor (SDPA path), or None meaning
+        # plain causal (SDPA's is_causal; with a cache and one new token, nothing to mask).
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if isinstance(mask, BlockMask):
+            y = _flex(q, k, v, mask, gqa)
+        else:
+            # is_causal aligns the triangle top-left, which is only right when q and k start at
+            # the same position: a prefill into an empty cache, or no cache at all.
+            assert mask is not None or T == 1 or k.size(2) == T, "causal prefill needs an empty cache"
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1),
+                                               enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """N(0, 0.02) for embeddings and matrices; the two projections that write into the
+        residual stream (attention out, MLP down) get 0.02 / sqrt(2 * n_layer) so the residual's
+        variance does not grow with depth. Norm weights are 1. Also call after to_empty()."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.wo.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_embedding=False):
+        """All parameters (the paper's count includes both untied embeddings). With
+        exclude_embedding=True the input embedding is left out (a lookup, not a matmul: use this N
+        for 6*N FLOPs per token)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if exclude_embedding else n
+
+    def build_mask(self, mask_kind, doc_ids, group_ids, B, T, device, attn_impl):
+        """The attention mask for one batch, built once and shared by all layers."""
+        mask_mod = make_mask_mod(mask_kind, doc_ids, group_ids)
+        for name, ids in (("doc_ids", doc_ids), ("group_ids", group_ids)):
+            if ids is not None and tuple(ids.shape) != (B, T):
+                raise ValueError(f"{name} must have shape {(B, T)}, got {tuple(ids.shape)}")
+        if attn_impl == "flex":
+            # a causal mask is the same for every row of the batch: one block mask, broadcast
+            mask_B = None if mask_kind == "causal" else B
+            # _compile=True builds the block mask without materializing B x T x T on the GPU
+            return create_block_mask(mask_mod, mask_B, None, T, T, device=device, _compile=(device.type == "cuda"))
+        if mask_kind == "causal":
+            return None  # SDPA is_causal=True: same predicate, no mask tensor, fastest kernel
+        return dense_mask(mask_mod, B, T, device)
+
+    def forward(self, idx, targets=None, doc_ids=None, group_ids=None, mask_kind="causal", reduction="mean",
+                attn_impl="auto"):
+        """idx (B, T) token ids -> (logits (B, T, vocab) float32, loss).
+        loss is None without targets; reduction="mean" gives a scalar, "none" the per-token losses
+        (B, T) (0 where the target is -1, the ignore index), "sum" their sum.
+        attn_impl: "auto" (flex on CUDA, SDPA elsewhere), "flex" or "sdpa"."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r}; choose from {ATTN_IMPLS}")
+        if attn_impl == "auto":
+            attn_impl = "flex" if idx.device.type == "cuda" else "sdpa"
+        mask = self.build_mask(mask_kind, doc_ids, group_ids, B, T, idx.device, attn_impl)
+        cos, sin = rope_tables(self.config.head_dim, 0, T, self.config.rope_theta, idx.device)
+
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        # float32 logits: the softmax over 128k classes is where low precision hurts the loss
+        logits = self.lm_head(self.norm(x)).float()
+
+        loss = None
+        if targets is not None:
+            if reduction not in ("mean", "sum", "none"):
+                raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+                                   reduction=reduction)
+            if reduction == "none":
+                loss = loss.view(B, T)
+        return logits, loss
+
+    def _step(self, idx, cache):
+        """Logits of the last position, running only the new tokens idx through the model and
+        appending their keys/values to the cache. Causal attention only."""
+        T = idx.size(1)
+        cos, sin = rope_tables(self.config.head_dim, cache.pos, T, self.config.rope_theta, idx.device)
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, None, cache)
+        cache.pos += T
+        return self.lm_head(self.norm(x[:, -1])).float()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Sample max_new_tokens after each of the B equal-length prompts in idx (B, T0), e.g. a
+        (B, 1) tensor of BOS tokens for unconditional samples. Returns (B, T0 + max_new_tokens).
+        temperature 0 is greedy; top_k keeps the k most likely tokens. Causal attention only.
+        The whole output must fit in block_size: longer requests raise ValueError rather than
+        cropping the context (cropping would silently change what the model conditions on)."""
+        B, T0 = idx.shape
+        if T0 + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds "
+                             f"block_size {self.config.block_size}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        cache = KVCache(self.config.n_layer, T0 + max_new_tokens) if use_cache else None
+        new = idx
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self._step(new, cache)  # prefill the whole prompt once, then one token a step
+            else:
+                logits = self(idx, attn_impl="sdpa")[0][:, -1]  # recompute everything (reference)
+            if temperature == 0:
+                new = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                new = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, new], dim=1)
+        return idx
