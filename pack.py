@@ -90,16 +90,23 @@ def read_ranks(path):
 def load_tokenizer(spec="gpt2", pattern=None, bos_token=None):
     """Return (tiktoken.Encoding, bos_id), built from local files only (no download).
 
-    spec: "gpt2" (the GPT-2 vocabulary shipped in assets/) or a path to any tiktoken ranks file
-    (Llama 3's tokenizer.model is one). pattern: a key of PATTERNS or a regex; by default "gpt2",
+    spec: "gpt2" (the GPT-2 vocabulary shipped in assets/); "gpt2:N", GPT-2's first N ranks (a small
+    real vocabulary for CPU runs and tests: <|endoftext|> becomes id N); or a path to any tiktoken
+    ranks file (Llama 3's tokenizer.model is one). pattern: a key of PATTERNS or a regex; by default "gpt2",
     or "llama3" for a 128,000-rank file. The special tokens: Llama 3's set for a 128,000-rank file,
     otherwise a single <|endoftext|> after the last rank. bos_token: the special token that starts
     every document; by default <|endoftext|>, or <|begin_of_text|> for Llama 3.
     """
-    path = os.path.join(ASSETS, "gpt2.tiktoken") if spec == "gpt2" else spec
+    gpt2, _, keep = spec.partition(":")
+    path = os.path.join(ASSETS, "gpt2.tiktoken") if gpt2 == "gpt2" else spec
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer ranks file not found: {path}")
     ranks = read_ranks(path)
+    if gpt2 == "gpt2" and keep:
+        # GPT-2's first N ranks: a smaller but real BPE vocabulary (ids < N are GPT-2's own ids)
+        if not keep.isdigit() or not 256 <= int(keep) <= len(ranks):
+            raise ValueError(f"tokenizer {spec!r}: expected gpt2:N with 256 <= N <= {len(ranks)}")
+        ranks = {token: rank for token, rank in ranks.items() if rank < int(keep)}
     n = max(ranks.values()) + 1
     is_llama3 = n == 128000
     if is_llama3:
@@ -108,7 +115,7 @@ def load_tokenizer(spec="gpt2", pattern=None, bos_token=None):
         specials = {"<|endoftext|>": n}
     pattern = pattern or ("llama3" if is_llama3 else "gpt2")
     pat_str = PATTERNS.get(pattern, pattern)
-    name = "gpt2" if spec == "gpt2" else os.path.basename(spec)
+    name = spec if gpt2 == "gpt2" else os.path.basename(spec)
     enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
     bos_token = bos_token or ("<|begin_of_text|>" if is_llama3 else "<|endoftext|>")
     if bos_token not in specials:
@@ -207,7 +214,6 @@ class TokenWriter:
 
     def __init__(self, prefix, vocab_size, bos_id):
         self.paths = file_paths(prefix)
-        os.makedirs(os.path.dirname(os.path.abspath(self.paths[0])), exist_ok=True)
         self.vocab_size, self.bos_id, self.dtype = vocab_size, bos_id, token_dtype(vocab_size)
         self.bin = open(self.paths[0] + ".tmp", "wb")
         self.idx = open(self.paths[1] + ".tmp", "wb")
@@ -474,6 +480,7 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
     t0 = time.time()
     enc, bos_id = load_tokenizer(tokenizer)
     dtype = token_dtype(enc.n_vocab)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     store = SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads)
     counts = Counter()
     try:
