@@ -1,0 +1,161 @@
+"""train.py: exact mixing counts, schedule, weight-decay groups, resume, DDP, config errors."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+import pack
+import train
+from train import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "cpu-tiny", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--mlp_hidden", "64",
+        "--block_size", "64", "--batch_size", "4", "--log_interval", "1", "--ckpt_interval", "100",
+        "--eval_batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Real sample documents packed with a small real vocabulary (GPT-2's first 512 ranks)."""
+    d = tmp_path_factory.mktemp("data")
+    lines = {name: open(os.path.join(ROOT, "sample_data", f"{name}.jsonl")).readlines() for name in ("train", "val")}
+    (d / "train.jsonl").write_text("".join(lines["train"][:40]))
+    (d / "val.jsonl").write_text("".join(lines["val"][:10]))
+    quiet = lambda *a: None
+    pack.pack(str(d / "train.jsonl"), str(d / "real"), tokenizer="gpt2:512", log=quiet)
+    pack.pack(str(d / "val.jsonl"), str(d / "val"), tokenizer="gpt2:512", log=quiet)
+    return d
+
+
+def run_train(data, out, *extra):
+    train.main(TINY + ["--real", str(data / "real"), "--val", str(data / "val"), "--out_dir", str(out), *extra])
+    with open(out / "log.jsonl") as f:
+        return [json.loads(l) for l in f]
+
+
+class FakeFile:   # only its length matters to Windows
+    def __init__(self, n):
+        self.n, self.bin_path = n, "fake"
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("epochs,mix,batch,expect_steps,expect_real,expect_syn", [
+    (2, 0.0, 4, 6, 24, 0),      # 12 real windows, 4 real per batch
+    (2, 0.5, 4, 12, 24, 24),    # m = 0.5 doubles the steps: 2 real + 2 synthetic per batch
+    (1, 0.75, 4, 12, 12, 36),   # m = 0.75: 1 real + 3 synthetic, steps x 4
+    (3, 0.75, 8, 18, 36, 108),
+])
+def test_exact_mixing_counts(epochs, mix, batch, expect_steps, expect_real, expect_syn):
+    cfg = TrainConfig(mix=mix, epochs=epochs, batch_size=batch)
+    n_real, n_syn = train.batch_split(cfg, world_size=1)
+    real = train.Windows(FakeFile(12 * 16 + 1), 16, seed=0, stream=0)   # 12 real windows
+    syn = train.Windows(FakeFile(10 * 16 + 1), 16, seed=0, stream=1)    # 10 synthetic windows
+    steps = train.total_steps(real.n, epochs, n_real)
+    assert steps == expect_steps
+    seen_real, seen_syn = Counter(), Counter()
+    for step in range(steps):
+        (r0, rn), (s0, sn) = train.step_sequences(step, n_real, n_syn)
+        seen_real.update(real.pick(r0, rn))
+        seen_syn.update(syn.pick(s0, sn) if sn else [])
+    assert sum(seen_real.values()) == expect_real and sum(seen_syn.values()) == expect_syn
+    assert seen_real == Counter({w: epochs for w in range(12)})      # every real window `epochs` times
+    full, rest = divmod(expect_syn, 10)                               # the synthetic stream repeats
+    assert sorted(seen_syn.values()) == sorted([full + 1] * rest + [full] * (10 - rest)) if expect_syn else True
+
+
+def test_window_order_reshuffled_each_pass_and_seeded():
+    w = train.Windows(FakeFile(100 * 8 + 1), 8, seed=3, stream=0)
+    assert sorted(w.pick(0, 100)) == list(range(100)) and w.pick(0, 100) != w.pick(100, 100)
+    assert w.pick(0, 100) == train.Windows(FakeFile(801), 8, seed=3, stream=0).pick(0, 100)
+    assert w.pick(0, 100) != train.Windows(FakeFile(801), 8, seed=4, stream=0).pick(0, 100)
+
+
+def test_mix_must_give_whole_sequences():
+    with pytest.raises(ValueError, match="whole number"):
+        train.batch_split(TrainConfig(mix=0.3, batch_size=4), 1)
+
+
+def test_schedule_values():
+    cfg = TrainConfig(lr=1e-3, warmup_frac=0.1, min_lr_frac=0.1)
+    assert train.lr_at(0, 100, cfg) == pytest.approx(1e-4)         # warmup: 10 steps
+    assert train.lr_at(9, 100, cfg) == pytest.approx(1e-3)
+    assert train.lr_at(10, 100, cfg) == pytest.approx(1e-3)         # cosine starts at the peak
+    assert train.lr_at(55, 100, cfg) == pytest.approx(0.55e-3)      # halfway: (peak + floor) / 2
+    assert train.lr_at(100, 100, cfg) == pytest.approx(1e-4)        # the floor
+    assert train.lr_at(99, 100, TrainConfig(lr=1e-3, warmup_frac=0.01)) < 1e-6
+
+
+def test_weight_decay_groups():
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig.from_preset("cpu-tiny", n_layer=1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = train.param_groups(model, TrainConfig(weight_decay=1.6))
+    assert decay["weight_decay"] == 1.6 and no_decay["weight_decay"] == 0.0
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    assert "lm_head.weight" in decayed and "wte.weight" not in decayed
+    assert all("norm" not in n for n in decayed) and len(decayed) == 8   # q, k, v, o, 3 MLP, head
+    with_emb = train.param_groups(model, TrainConfig(decay_embedding=True))[0]
+    assert "wte.weight" in {names[id(p)] for p in with_emb["params"]}
+
+
+def test_resume_is_bit_exact(data, tmp_path):
+    full = run_train(data, tmp_path / "full", "--epochs", "2")
+    steps = max(r["step"] for r in full)
+    assert steps >= 6
+    first = run_train(data, tmp_path / "cut", "--epochs", "2", "--halt_at", str(steps // 2))
+    assert max(r["step"] for r in first if "loss" in r) == steps // 2
+    resumed = run_train(data, tmp_path / "cut", "--epochs", "2")
+    losses = lambda log: [(r["step"], r["loss"]) for r in log if "loss" in r]
+    assert losses(resumed) == losses(full)                            # loss for loss, bit-exact
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.load(open(tmp_path / "cut" / "summary.json"))
+    assert summary["val_loss"] == json.load(open(tmp_path / "full" / "summary.json"))["val_loss"]
+
+
+def test_ddp_matches_single_process(data, tmp_path):
+    common = TINY + ["--real", str(data / "real"), "--val", str(data / "val"), "--epochs", "1"]
+    single = run_train(data, tmp_path / "one", "--epochs", "1", "--batch_size", "4")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           os.path.join(ROOT, "train.py"), *common, "--batch_size", "2", "--out_dir", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    two = [json.loads(l) for l in open(tmp_path / "two" / "log.jsonl")]
+    a = [r["loss"] for r in single if "loss" in r]
+    b = [r["loss"] for r in two if "loss" in r]
+    assert len(a) == len(b) >= 3
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    wa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(mix=1.0), r"mix must be in \[0, 1\)"),
+    (dict(epochs=0), "epochs must be > 0"),
+    (dict(mask="sliding"), "mask must be one of"),
+    (dict(mix=0.5), "needs a --synthetic token file"),
+    (dict(vocab_size=256), "smaller than the token files' vocabulary 513"),
+    (dict(real="nowhere/real"), "no such token file"),
+    (dict(model="7B"), "must be a preset"),
+])
+def test_bad_config_errors(data, change, message):
+    cfg = dict(real=str(data / "real"), val=str(data / "val"), model="cpu-tiny")
+    cfg.update(change)
+    with pytest.raises((ValueError, pack.DataError), match=message):
+        train.setup(TrainConfig(**cfg))
+
+
+def test_corrupt_token_file_error(data, tmp_path):
+    for ext in ("bin", "idx", "json"):
+        (tmp_path / f"real.{ext}").write_bytes((data / f"real.{ext}").read_bytes()[:-10] if ext == "bin"
+                                               else (data / f"real.{ext}").read_bytes())
+    with pytest.raises(SystemExit, match="error: .*truncated or corrupt"):
+        train.main(TINY + ["--real", str(tmp_path / "real"), "--val", str(data / "val")])
