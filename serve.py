@@ -1,0 +1,178 @@
+"""
+serve.py: a small OpenAI-compatible HTTP server that samples from a nanosynth checkpoint, so that
+generate.py --kind self-distill can draw synthetic documents from a model trained on real data.
+
+Run
+  python serve.py --ckpt out/real/ckpt.pt --port 8000
+  python generate.py --kind self-distill --endpoint http://127.0.0.1:8000/v1 --model nanosynth \
+      --input sample_data/train.jsonl --out synth/self-distill.jsonl --G 4
+
+API (the subset generate.py uses)
+  GET  /v1/models        the one model, named by --model-name
+  POST /v1/completions   {"model", "prompt": str ("" = BOS only), "max_tokens" (16), "temperature" (1.0),
+                          "top_k" (none), "n" (1), "seed" (random)} -> {"choices": [{"index", "text",
+                          "finish_reason"}], "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+  A choice stops ("stop") when the model emits the BOS/<|endoftext|> token, else at max_tokens ("length").
+  Every prompt starts with BOS, as every training document does.
+
+Reads the checkpoint train.py writes (torch.save of {"model": state_dict, "model_config": GPTConfig
+fields, "tokenizer": spec for pack.load_tokenizer}); writes nothing. One request samples at a time
+(the n choices of a request are one batch).
+"""
+import argparse
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from model import GPT, GPTConfig
+from pack import load_tokenizer
+
+CHUNK = 64  # tokens sampled per model.generate call; between calls we stop if every choice has ended
+
+
+def load_checkpoint(path, device="cpu"):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    # a torch.compile'd model saves its weights under "_orig_mod."
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    enc, bos = load_tokenizer(ckpt.get("tokenizer", "gpt2"))
+    return model.to(device).eval(), enc, bos
+
+
+class BadRequest(Exception):
+    def __init__(self, message, code=400):
+        super().__init__(message)
+        self.code = code
+
+
+def sample(model, prompt, n, max_tokens, temperature, top_k, seed, bos, device):
+    """n continuations of the token list prompt: a list of (tokens, finish_reason), each cut at
+    (and including) its first BOS."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([prompt] * n, dtype=torch.long, device=device)
+    while idx.size(1) - len(prompt) < max_tokens:
+        steps = min(CHUNK, max_tokens - (idx.size(1) - len(prompt)))
+        idx = model.generate(idx, steps, temperature=temperature, top_k=top_k, generator=g)
+        if (idx[:, len(prompt):] == bos).any(dim=1).all():
+            break  # every choice has ended: no need to sample up to max_tokens
+    out = []
+    for row in idx[:, len(prompt):].tolist():
+        if bos in row:
+            out.append((row[:row.index(bos) + 1], "stop"))
+        else:
+            out.append((row[:max_tokens], "length"))
+    return out
+
+
+def complete(srv, req):
+    """The response to a /v1/completions request body (a dict)."""
+    if not isinstance(req, dict):
+        raise BadRequest("request body must be a JSON object")
+    if req.get("model", srv.name) != srv.name:
+        raise BadRequest(f"The model `{req['model']}` does not exist; this server serves `{srv.name}`.", 404)
+    if req.get("stream"):
+        raise BadRequest("stream is not supported")
+    prompt = req.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string")
+    max_tokens, n, top_k, seed = req.get("max_tokens", 16), req.get("n", 1), req.get("top_k"), req.get("seed")
+    temperature = req.get("temperature", 1.0)
+    for name, v, lo in (("max_tokens", max_tokens, 1), ("n", n, 1), ("top_k", top_k, 1), ("seed", seed, 0)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+            raise BadRequest(f"{name} must be an integer >= {lo}, got {v!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise BadRequest(f"temperature must be a number >= 0, got {temperature!r}")
+    if n > 128:
+        raise BadRequest("n must be <= 128")
+    ids = [srv.bos] + srv.enc.encode_ordinary(prompt)
+    block = srv.model.config.block_size
+    if len(ids) + max_tokens > block:
+        raise BadRequest(f"prompt ({len(ids)} tokens with BOS) + max_tokens ({max_tokens}) exceeds the "
+                         f"model's context of {block} tokens")
+    seed = seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+    with srv.lock:  # one batch at a time: the CPU (or GPU) is shared anyway
+        outs = sample(srv.model, ids, n, max_tokens, float(temperature), top_k, seed, srv.bos, srv.device)
+    choices = [{"index": i, "text": srv.enc.decode([t for t in toks if t != srv.bos]), "finish_reason": reason,
+                "logprobs": None} for i, (toks, reason) in enumerate(outs)]
+    used = sum(len(toks) for toks, _ in outs)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": srv.name, "choices": choices,
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
+    disable_nagle_algorithm = True  # else headers and body go out in two packets: +40 ms (delayed ACK)
+
+    def log_message(self, fmt, *args):
+        if not self.server.quiet:
+            super().log_message(fmt, *args)
+
+    def reply(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def error(self, code, message):
+        self.reply(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
+
+    def do_GET(self):
+        if self.path.rstrip("/") == "/v1/models":
+            return self.reply(200, {"object": "list", "data": [{"id": self.server.name, "object": "model",
+                                    "owned_by": "nanosynth", "max_model_len": self.server.model.config.block_size}]})
+        self.error(404, f"no route GET {self.path}")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.rstrip("/") != "/v1/completions":
+            return self.error(404, f"no route POST {self.path} (this server has /v1/completions only)")
+        try:
+            self.reply(200, complete(self.server, json.loads(body)))
+        except ValueError as e:  # a body that is not JSON
+            self.error(400, f"bad request: {e}")
+        except BadRequest as e:
+            self.error(e.code, str(e))
+        except Exception as e:  # report, and keep serving
+            self.error(500, f"{type(e).__name__}: {e}")
+
+
+def make_server(model, enc, bos, host="127.0.0.1", port=8000, name="nanosynth", device="cpu", quiet=False):
+    """A ThreadingHTTPServer (not yet serving: call serve_forever) for one model."""
+    srv = ThreadingHTTPServer((host, port), Handler)
+    srv.daemon_threads = True
+    srv.model, srv.enc, srv.bos, srv.name, srv.device, srv.quiet = model, enc, bos, name, device, quiet
+    srv.lock = threading.Lock()
+    return srv
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="OpenAI-compatible /v1/completions server for a nanosynth checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--model-name", default="nanosynth", help="the name clients pass as model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="do not log every request")
+    args = p.parse_args(argv)
+    model, enc, bos = load_checkpoint(args.ckpt, args.device)
+    srv = make_server(model, enc, bos, args.host, args.port, args.model_name, args.device, args.quiet)
+    print(f"serving {args.ckpt} as model {args.model_name!r} on http://{args.host}:{srv.server_address[1]}/v1 "
+          f"(context {model.config.block_size} tokens, {args.device})", flush=True)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    srv.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Tests for generate.py against real HTTP servers on 127.0.0.1 (no mocking of requests): a
+fault-injecting OpenAI-compatible server (429 + Retry-After, 500, slow replies, dropped connections,
+length-truncated outputs, malformed JSON, a 400), resume after SIGKILL and Ctrl-C, shards and
+several endpoints, latent-thought cuts, prompt files, and that the API key never leaks.
+Run: python -m pytest -q tests/test_generate.py   (about half a minute on 2 CPU cores)"""
+
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import generate  # noqa: E402
+from pack import load_tokenizer  # noqa: E402
+
+KEY = "sk-nanosynth-test-7Q4zX9-secret"
+FAULT = re.compile(r"\[\[(\w+)\]\]")  # a document asks for a fault with a marker like [[e500]]
+
+
+class FaultHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like real servers
+    disable_nagle_algorithm = True  # else headers and body go out in two packets: +40 ms (delayed ACK)
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, obj=None, raw=None, headers=()):
+        body = raw if raw is not None else json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        chat = self.path.endswith("/chat/completions")
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        m = FAULT.search(prompt)
+        fault = m[1] if m else "ok"
+        key = (prompt, body.get("seed"))  # one generation (or group of n) of one document
+        with srv.lock:
+            srv.attempts[key] += 1
+            attempt = srv.attempts[key]
+            srv.log.append(dict(time=time.time(), fault=fault, attempt=attempt, body=body, path=self.path,
+                                auth=self.headers.get("Authorization")))
+        if srv.delay:
+            time.sleep(srv.delay)
+        try:
+            if fault == "r429" and attempt == 1:
+                return self.reply(429, {"error": {"message": "slow down"}}, headers=[("Retry-After", "1")])
+            if fault in ("e500", "dead") and (attempt <= 2 or fault == "dead"):
+                return self.reply(500 if fault == "e500" else 503, {"error": {"message": "server hiccup"}})
+            if fault == "slow" and attempt == 1:
+                time.sleep(1.0)  # past the client's --timeout
+            if fault == "drop" and attempt == 1:  # promise 500 bytes, send 20, hang up
+                self.send_response(200)
+                self.send_header("Content-Length", "500")
+                self.end_headers()
+                self.wfile.write(b'{"id": "cmpl-1", "ch')
+                self.close_connection = True
+                return
+            if fault == "reset" and attempt == 1:  # hang up without any reply
+                self.close_connection = True
+                return
+            if fault == "malformed" and attempt == 1:
+                return self.reply(200, raw=b'{"choices": [{"message": ')
+            if fault == "bad400":  # a server that echoes the key: the client must not repeat it
+                return self.reply(400, {"error": {"message": f"The model `nope` does not exist (key {KEY})."}})
+            n = 1 if fault == "nshort" else body.get("n", 1)
+            finish = "length" if fault == "length" else "stop"
+            texts = [f"  generation {body.get('seed')}/{j} of {fault}  " for j in range(n)]
+            choices = [dict(index=j, finish_reason=finish, **({"message": {"role": "assistant", "content": t}}
+                                                               if chat else {"text": t})) for j, t in enumerate(texts)]
+            self.reply(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": choices,
+                             "usage": {"prompt_tokens": 100, "completion_tokens": 7 * n, "total_tokens": 100 + 7 * n}})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout) first
+
+
+@pytest.fixture
+def server():
+    """Start fault servers on ephemeral ports; yields a factory server(delay=0) -> (srv, base_url)."""
+    started = []
+
+    def start(delay=0.0):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), FaultHandler)
+        srv.daemon_threads = True
+        srv.lock, srv.attempts, srv.log, srv.delay = threading.Lock(), collections.Counter(), [], delay
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        started.append(srv)
+        return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    yield start
+    for srv in started:
+        srv.shutdown()
+        srv.server_close()
+
+
+def write_docs(path, docs):
+    with open(path, "w") as f:
+        for doc in docs:
+            f.write(json.dumps(doc) + "\n")
+    return str(path)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_main(monkeypatch, *argv):
+    monkeypatch.setenv("NANOSYNTH_TEST_KEY", KEY)
+    return generate.main(["--api-key-env", "NANOSYNTH_TEST_KEY", "--model", "test-model", "--backoff-base", "0.01",
+                          "--progress-every", "0.5", *argv])
+
+
+def assert_no_key(*texts_or_paths):
+    for t in texts_or_paths:
+        if os.path.exists(t):
+            t = open(t).read()
+        assert KEY not in t
+
+
+# ----------------------------------------------------------------------------- the fault matrix
+
+FAULTS = ["ok", "r429", "e500", "slow", "drop", "reset", "length", "malformed", "dead", "nshort"]
+
+
+def test_fault_matrix(tmp_path, server, monkeypatch, capfd):
+    srv, url = server()
+    docs = [{"id": f"d-{f}", "text": f"Document about {f}. [[{f}]] It has two sentences."} for f in FAULTS]
+    inp, out = write_docs(tmp_path / "in.jsonl", docs), str(tmp_path / "out" / "synth.jsonl")
+    stats = run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--G", "2", "--n-per-request", "2",
+                     "--max-tries", "3", "--timeout", "0.5", "--concurrency", "4")
+    recs = read_jsonl(out)
+    count = collections.Counter((r["source_id"], r["index"]) for r in recs)
+    expected = {(f"d-{f}", i) for f in FAULTS if f != "dead" for i in range(2)}
+    assert set(count) == expected and set(count.values()) == {1}  # every generation exactly once
+    for r in recs:
+        assert r["id"] == f"{r['source_id']}/rephrase/{r['index']}" and r["kind"] == "rephrase"
+        assert r["model"] == "test-model" and r["prompt"] == "wikipedia" and r["temperature"] == 1.0
+        assert r["finish_reason"] == ("length" if r["source_id"] == "d-length" else "stop")
+        assert r["text"] == r["text"].strip() and r["text"].startswith("generation ")
+        assert r["usage"]["prompt_tokens"] == 100
+    # usage: the request's 14 completion tokens are split between its two generations
+    assert sum(r["usage"]["completion_tokens"] for r in recs if r["source_id"] == "d-ok") == 14
+    # the dead document ran out of tries and went to the failures file, without key
+    fails = read_jsonl(str(tmp_path / "out" / "synth.failures.jsonl"))
+    assert sorted((f["source_id"], f["kind"], f["index"], f["tries"]) for f in fails) == \
+        [("d-dead", "rephrase", 0, 3), ("d-dead", "rephrase", 1, 3)]
+    assert all(f["error"] == "HTTP 503: server hiccup" for f in fails)
+    # server side: tries per fault, Retry-After honoured, key sent as a Bearer header
+    tries = collections.Counter(e["fault"] for e in srv.log)
+    assert tries == {"ok": 1, "r429": 2, "e500": 3, "slow": 2, "drop": 2, "reset": 2, "length": 1, "malformed": 2,
+                     "dead": 3, "nshort": 2}
+    t429 = [e["time"] for e in srv.log if e["fault"] == "r429"]
+    assert t429[1] - t429[0] >= 0.95
+    assert {e["auth"] for e in srv.log} == {f"Bearer {KEY}"}
+    # nshort: asked for n=2, got 1, then asked for the remaining one alone
+    assert [e["body"]["n"] for e in srv.log if e["fault"] == "nshort"] == [2, 1]
+    assert stats["done"] == 18 and stats["failed"] == 2 and stats["length"] == 2 and stats["retries"] == 9
+    cap = capfd.readouterr()
+    assert "[generate] summary: 18 written (2 stopped at the length limit), 2 failed" in cap.err
+    assert_no_key(out, cap.out, cap.err)
+
+
+def test_fewer_choices_than_asked_are_requested_one_by_one(tmp_path, server, monkeypatch):
+    srv, url = server()  # this server ignores n and always answers with one choice
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "s", "text": "Short. [[nshort]]"}])
+    out = str(tmp_path / "o.jsonl")
+    run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--G", "3", "--n-per-request", "3")
+    assert [e["body"]["n"] for e in srv.log] == [3, 1, 1]
+    assert sorted(r["index"] for r in read_jsonl(out)) == [0, 1, 2]
+
+
+def test_400_fails_fast_with_server_message(tmp_path, server, monkeypatch, capfd):
+    srv, url = server()
+    docs = [{"id": "a", "text": "Fine. [[bad400]]"}]
+    inp, out = write_docs(tmp_path / "in.jsonl", docs), str(tmp_path / "out.jsonl")
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--G", "3")
+    assert e.value.code == 2 and time.time() - t0 < 10
+    err = capfd.readouterr().err
+    assert f"error: {url}/chat/completions answered HTTP 400: The model `nope` does not exist (key ***)." in err
+    assert_no_key(err)
+    assert len([e for e in srv.log if e["fault"] == "bad400"]) <= 3  # no retries: one try per generation at most
+
+
+# ----------------------------------------------------------------------------- resume after crashes
+
+
+def spawn(inp, out, url, *extra):
+    env = dict(os.environ, NANOSYNTH_TEST_KEY=KEY)
+    cmd = [sys.executable, os.path.join(ROOT, "generate.py"), "--input", inp, "--out", out, "--endpoint", url,
+           "--model", "m", "--api-key-env", "NANOSYNTH_TEST_KEY", "--G", "2", "--concurrency", "4",
+           "--progress-every", "0.5", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_lines(path, n, proc, timeout=30):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(path) and open(path, "rb").read().count(b"\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not reach {n} lines")
+
+
+def check_complete(out, ids, G=2):
+    recs = read_jsonl(out)
+    count = collections.Counter((r["source_id"], r["index"]) for r in recs)
+    assert set(count) == {(i, g) for i in ids for g in range(G)}, "a gap"
+    assert set(count.values()) == {1}, "a duplicate"
+
+
+def test_sigkill_twice_then_resume(tmp_path, server):
+    srv, url = server(delay=0.1)
+    ids = [f"doc{i}" for i in range(40)]
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": i, "text": f"Text of {i}. More text."} for i in ids])
+    out = str(tmp_path / "out.jsonl")
+    partial = b'{"id": "doc39/rephrase/1", "source_id": "doc3'
+    repaired = f"{out}: removed a partial last line ({len(partial)} bytes) left by an interrupted run"
+    for run, target in enumerate((10, 30)):
+        proc = spawn(inp, out, url)
+        wait_lines(out, target, proc)
+        proc.kill()  # SIGKILL: no cleanup at all
+        stdout, stderr = proc.communicate()
+        assert open(out, "rb").read().count(b"\n") < 80  # killed mid-run
+        assert (repaired in stderr) == (run == 1)
+        with open(out, "ab") as f:  # as if it died in the middle of a line
+            f.write(partial)
+    proc = spawn(inp, out, url)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert repaired in stderr
+    check_complete(out, ids)
+    assert_no_key(out, stdout, stderr)
+    assert {e["auth"] for e in srv.log} == {f"Bearer {KEY}"}
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, server):
+    _, url = server(delay=0.1)
+    ids = [f"doc{i}" for i in range(40)]
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": i, "text": f"Text of {i}."} for i in ids])
+    out = str(tmp_path / "out.jsonl")
+    proc = spawn(inp, out, url)
+    wait_lines(out, 8, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "stopping: no new requests" in stderr and "[generate] summary:" in stderr and "interrupted" in stderr
+    data = open(out, "rb").read()
+    assert data.endswith(b"\n") and data.count(b"\n") < 80
+    n_before = len(read_jsonl(out))  # every line whole
+    proc = spawn(inp, out, url)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and f"{80 - n_before} generations to write" in stderr
+    # periodic progress lines, then a final one
+    assert re.search(rf"\[generate\] \d+/{80 - n_before} done \| [\d.]+ req/s \| [\d,]+ tok/s \| ETA [\d.]+ min \| "
+                     r"retries 0 \| failed 0\n", stderr), stderr
+    assert re.search(rf"\[generate\] {80 - n_before}/{80 - n_before} done \| .* \| [\d.]+s elapsed \| ", stderr)
+    check_complete(out, ids)
+
+
+def test_second_ctrl_c_quits_at_once(tmp_path, server):
+    srv, url = server(delay=3.0)  # requests that would take 3 s
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": "Text."} for i in range(20)])
+    out = str(tmp_path / "out.jsonl")
+    proc = spawn(inp, out, url)
+    t0 = time.time()
+    while len(srv.log) < 4 and time.time() - t0 < 20:  # all four workers are waiting on the server
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    t1 = time.time()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.time() - t1 < 2.0, stderr
+    assert "Ctrl-C again to quit now" in stderr and "0/40 done" in stderr
+    assert not os.path.exists(out)  # nothing finished, nothing written
+    assert len(srv.log) == 4  # no request was sent after the first Ctrl-C
+
+
+# ----------------------------------------------------------------------------- throughput features
+
+
+def test_shards_split_the_corpus_and_endpoints_share_load(tmp_path, server, monkeypatch):
+    (s1, u1), (s2, u2) = server(), server()
+    ids = [f"d{i}" for i in range(10)]
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": i, "text": f"About {i}."} for i in ids])
+    for shard in ("0/3", "1/3", "2/3"):
+        run_main(monkeypatch, "--input", inp, "--out", str(tmp_path / f"out{shard[0]}.jsonl"), "--endpoint", u1,
+                 "--endpoint", u2, "--G", "2", "--shard", shard, "--concurrency", "4")
+    for s in range(3):
+        got = {r["source_id"] for r in read_jsonl(str(tmp_path / f"out{s}.jsonl"))}
+        assert got == {f"d{i}" for i in range(10) if i % 3 == s}
+    assert len(s1.log) + len(s2.log) == 20 and len(s1.log) >= 5 and len(s2.log) >= 5
+
+
+def test_request_body_seeds_n_and_truncation(tmp_path, server, monkeypatch):
+    srv, url = server()
+    enc, _ = load_tokenizer("gpt2")
+    text = " ".join(f"word{i}" for i in range(300))
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "x", "text": text}])
+    run_main(monkeypatch, "--input", inp, "--out", str(tmp_path / "o.jsonl"), "--endpoint", url, "--G", "3",
+             "--max-source-tokens", "50", "--temperature", "0.7", "--max-new-tokens", "99", "--seed", "5")
+    bodies = [e["body"] for e in srv.log]
+    assert len(bodies) == 3 and all(b["n"] == 1 and b["temperature"] == 0.7 and b["max_tokens"] == 99 for b in bodies)
+    assert sorted(b["seed"] for b in bodies) == sorted(generate.request_seed(5, "x", "rephrase", i) for i in range(3))
+    assert len({b["seed"] for b in bodies}) == 3
+    msgs = bodies[0]["messages"]
+    assert msgs[0] == {"role": "system", "content": generate.SYSTEM}
+    doc = msgs[1]["content"].split("Document:\n", 1)[1]
+    assert msgs[1]["content"] == generate.PROMPTS["wikipedia"]["user"].format(document=doc)
+    assert text.startswith(doc) and len(enc.encode_ordinary(doc)) == 50
+    recs = read_jsonl(str(tmp_path / "o.jsonl"))
+    assert {r["temperature"] for r in recs} == {0.7}
+
+
+# ----------------------------------------------------------------------------- latent thoughts and prompts
+
+LATENT_DOC = ("The quick brown fox jumps. It lands on a log. The log rolls downhill! Then a river appears. "
+              "Fish swim by the log. Everyone is surprised. The end comes quickly. \u00e9t\u00e9 \u4e2d\u6587 ok.")
+
+
+def test_latent_cuts_and_prompts(tmp_path, server, monkeypatch):
+    srv, url = server()
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "fox", "text": LATENT_DOC}])
+    cuts = []
+    for run in ("a", "b"):
+        out = str(tmp_path / f"{run}.jsonl")
+        run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--kind", "latent", "--G", "3")
+        recs = sorted(read_jsonl(out), key=lambda r: r["index"])
+        assert [(r["kind"], r["index"], r["num_cuts"], r["prompt"]) for r in recs] == \
+            [("latent", i, 3, "latent") for i in range(3)]
+        cuts.append([r["cut_char"] for r in recs])
+    assert cuts[0] == cuts[1]  # the same cuts on every run
+    c = cuts[0]
+    assert 0 < c[0] < c[1] < c[2] < len(LATENT_DOC)
+    assert all(LATENT_DOC[x - 1] in ".!" and LATENT_DOC[x] == " " for x in c)  # at sentence ends
+    # each prompt holds exactly the text before and after its cut (short document: no bounding)
+    users = {e["body"]["messages"][1]["content"] for e in srv.log}
+    assert users == {generate.PROMPTS["latent"]["user"].format(prefix=LATENT_DOC[:x], suffix=LATENT_DOC[x:])
+                     for x in c}
+    # resuming with another G would put thought i elsewhere: refused
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--kind", "latent", "--G", "2")
+
+
+def test_latent_cut_function():
+    enc, _ = load_tokenizer("gpt2")
+    for text, G in [(LATENT_DOC, 1), (LATENT_DOC, 7), ("\u4e2d\u6587\u5b57" * 5, 3), ("Hi.", 4), ("x", 2)]:
+        bounds = generate.token_bounds(enc, enc.encode_ordinary(text))
+        assert bounds[0] == 0 and bounds[-1] == len(text) and len(bounds) == len(enc.encode_ordinary(text)) + 1
+        ks = generate.latent_cuts(text, bounds, G)
+        assert len(ks) == G and ks == sorted(ks) and all(bounds[k] is not None for k in ks)
+        assert ks == generate.latent_cuts(text, generate.token_bounds(enc, enc.encode_ordinary(text)), G)
+        assert all(enc.decode(enc.encode_ordinary(text)[:k]) == text[:bounds[k]] for k in ks)
+    # long enough documents get G distinct interior cuts near the even positions
+    bounds = generate.token_bounds(enc, enc.encode_ordinary(LATENT_DOC))
+    ks = generate.latent_cuts(LATENT_DOC, bounds, 3)
+    n = len(bounds) - 1
+    assert len(set(ks)) == 3 and all(abs(k - (i + 1) * n / 4) <= n / 16 + 1 for i, k in enumerate(ks))
+
+
+def test_prompt_file(tmp_path, server, monkeypatch, capfd):
+    srv, url = server()
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "p1", "text": "Some text."}])
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"name": "qa", "user": "Q&A about {id}: {document}"}))
+    out = str(tmp_path / "o.jsonl")
+    run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--G", "1", "--prompt-file", str(good))
+    assert srv.log[0]["body"]["messages"] == [{"role": "user", "content": "Q&A about p1: Some text."}]
+    assert read_jsonl(out)[0]["prompt"] == "qa"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "user": "{document} and {title}"}))
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--prompt-file", str(bad))
+    assert "unknown field(s) {title}" in capfd.readouterr().err
+
+
+def test_malformed_input_line_names_file_and_line(tmp_path, server, monkeypatch, capfd):
+    _, url = server()
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"\n')
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--input", str(inp), "--out", str(tmp_path / "o.jsonl"), "--endpoint", url)
+    assert f"{inp}:3: malformed JSON line" in capfd.readouterr().err
+    inp.write_text('{"id": 1, "text": "x"}\n')
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--input", str(inp), "--out", str(tmp_path / "o.jsonl"), "--endpoint", url)
+    assert f'{inp}:1: expected a JSON object with string fields "id" and "text"' in capfd.readouterr().err

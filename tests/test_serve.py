@@ -1,0 +1,163 @@
+"""Tests for serve.py, the self-distillation server: a tiny random GPT (GPT-2 vocabulary, 2 layers,
+width 32) behind a real HTTP server on 127.0.0.1, queried with requests and end to end by
+generate.py --kind self-distill.
+Run: python -m pytest -q tests/test_serve.py   (about ten seconds on 2 CPU cores)"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import requests
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import generate  # noqa: E402
+import serve  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from pack import load_tokenizer  # noqa: E402
+
+KEY = "sk-serve-test-secret-31337"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50257, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, mlp_hidden=64, block_size=128)
+    path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+    torch.save({"model": GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg), "tokenizer": "gpt2"}, path)
+    return path
+
+
+def start(model, enc, bos):
+    srv = serve.make_server(model, enc, bos, port=0, quiet=True)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    srv, url = start(*serve.load_checkpoint(ckpt))
+    yield url
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url, **body):
+    return requests.post(url + "/completions", json=body, timeout=30)
+
+
+def test_models_and_completions(server):
+    r = requests.get(server + "/models", timeout=10)
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["nanosynth"]
+    r = post(server, model="nanosynth", prompt="Hello world", max_tokens=5, n=3, seed=1)
+    assert r.status_code == 200
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["usage"]["prompt_tokens"] == 3  # BOS + "Hello" + " world"
+    # a random model over 50k tokens does not emit BOS in 5 steps (seeded, so this is exact)
+    assert [c["finish_reason"] for c in out["choices"]] == ["length"] * 3 and out["usage"]["completion_tokens"] == 15
+    # the same seed gives the same samples; greedy gives n equal ones
+    again = post(server, model="nanosynth", prompt="Hello world", max_tokens=5, n=3, seed=1).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in out["choices"]]
+    greedy = post(server, prompt="Hello world", max_tokens=6, n=2, temperature=0).json()
+    assert greedy["choices"][0]["text"] == greedy["choices"][1]["text"]
+    bos_only = post(server, prompt="", max_tokens=4, top_k=10, seed=3).json()
+    assert bos_only["usage"]["prompt_tokens"] == 1 and len(bos_only["choices"]) == 1
+
+
+def test_errors(server):
+    r = post(server, model="gpt-4", prompt="x")
+    assert r.status_code == 404 and "The model `gpt-4` does not exist" in r.json()["error"]["message"]
+    r = post(server, prompt="x", max_tokens=200)
+    assert r.status_code == 400 and "exceeds the model's context of 128 tokens" in r.json()["error"]["message"]
+    r = post(server, prompt="x", n=0)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "n must be an integer >= 1, got 0"
+    r = requests.post(server + "/completions", data=b"{nope", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("bad request")
+    assert requests.post(server + "/chat/completions", json={}, timeout=10).status_code == 404
+
+
+class StubModel:
+    """Row 0 emits BOS as its third new token; row 1 never does. Checks the stop logic exactly."""
+    config = GPTConfig(vocab_size=50257, n_layer=1, n_head=1, n_kv_head=1, n_embd=2, mlp_hidden=2, block_size=256)
+
+    def __init__(self, bos):
+        self.bos, self.calls = bos, 0
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        self.calls += 1
+        for _ in range(max_new_tokens):
+            T = idx.size(1)
+            new = torch.tensor([[self.bos if T == 3 else 100 + T], [200 + T]])[:idx.size(0)]
+            idx = torch.cat([idx, new], dim=1)
+        return idx
+
+
+def test_stop_at_bos():
+    enc, bos = load_tokenizer("gpt2")
+    stub = StubModel(bos)
+    outs = serve.sample(stub, [bos], 2, 10, 1.0, None, 0, bos, "cpu")
+    assert outs == [([101, 102, bos], "stop"), ([201 + i for i in range(10)], "length")]
+    srv, url = start(stub, enc, bos)
+    try:
+        out = post(url, prompt="", max_tokens=5, n=2).json()
+        assert [c["finish_reason"] for c in out["choices"]] == ["stop", "length"]
+        assert out["choices"][0]["text"] == enc.decode([101, 102])
+        assert out["usage"]["completion_tokens"] == 3 + 5
+        # every choice ended: sampling stops early instead of running to max_tokens in chunks
+        stub2 = StubModel(bos)
+        assert serve.sample(stub2, [bos], 1, 1000, 1.0, None, 0, bos, "cpu") == [([101, 102, bos], "stop")]
+        assert stub2.calls == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_self_distill_end_to_end(server, tmp_path, monkeypatch, capfd):
+    enc, _ = load_tokenizer("gpt2")
+    docs = [{"id": f"s{i}", "text": f"Document number {i} talks about foxes, rivers and logs at some length."}
+            for i in range(3)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    common = ["--input", str(inp), "--endpoint", server, "--model", "nanosynth", "--kind", "self-distill",
+              "--api-key-env", "SERVE_TEST_KEY", "--G", "3", "--max-new-tokens", "8", "--concurrency", "2"]
+    out = tmp_path / "sd.jsonl"
+    stats = generate.main(common + ["--out", str(out), "--prefix-tokens", "4", "--n-per-request", "2"])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats["done"] == 9 and stats["requests"] == 6  # per document: n=2 then n=1
+    assert sorted((r["source_id"], r["index"]) for r in recs) == [(d["id"], i) for d in docs for i in range(3)]
+    by_id = {d["id"]: d["text"] for d in docs}
+    for r in recs:
+        prefix = enc.decode(enc.encode_ordinary(by_id[r["source_id"]])[:4])
+        assert r["kind"] == "self-distill" and r["prompt"] == "prefix-4" and r["model"] == "nanosynth"
+        assert r["text"].startswith(prefix) and len(r["text"]) > len(prefix)
+        assert r["usage"]["prompt_tokens"] == 5 and 1 <= r["usage"]["completion_tokens"] <= 8
+        assert r["finish_reason"] in ("length", "stop")
+    # unconditional: BOS only, the text is the continuation alone
+    out0 = tmp_path / "sd0.jsonl"
+    generate.main(common + ["--out", str(out0), "--prefix-tokens", "0", "--G", "1"])
+    recs0 = [json.loads(line) for line in out0.read_text().splitlines()]
+    assert len(recs0) == 3 and all(r["prompt"] == "unconditional" and r["usage"]["prompt_tokens"] == 1 for r in recs0)
+    cap = capfd.readouterr()
+    assert KEY not in cap.err + cap.out + out.read_text() + out0.read_text()
+
+
+def test_cli_serves_a_checkpoint(ckpt):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", ckpt, "--port", "0", "--quiet",
+                             "--model-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {ckpt} as model 'tiny' on http://127.0.0.1:"), proc.stderr.read()
+        url = line.split(" on ")[1].split()[0]
+        assert requests.get(url + "/models", timeout=10).json()["data"][0]["id"] == "tiny"
+        r = post(url, model="tiny", prompt="Hi", max_tokens=3, seed=0)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
