@@ -36,10 +36,12 @@ import argparse
 import array
 import base64
 import hashlib
+import itertools
 import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 
 import numpy as np
@@ -215,6 +217,7 @@ class TokenWriter:
     def __init__(self, prefix, vocab_size, bos_id):
         self.paths = file_paths(prefix)
         self.vocab_size, self.bos_id, self.dtype = vocab_size, bos_id, token_dtype(vocab_size)
+        self.bos = np.array([bos_id], dtype=self.dtype)
         self.bin = open(self.paths[0] + ".tmp", "wb")
         self.idx = open(self.paths[1] + ".tmp", "wb")
         self.bin.write(bytes(HEADER_BYTES))
@@ -225,7 +228,7 @@ class TokenWriter:
     def add(self, kind, group, pieces):
         """One document: BOS followed by the token arrays in `pieces`."""
         self.pending_docs.append((self.n_tokens, group, kind))
-        self.pending.append(np.array([self.bos_id], dtype=self.dtype))
+        self.pending.append(self.bos)
         self.pending.extend(pieces)
         self.n_tokens += 1 + sum(len(p) for p in pieces)
         self.n_docs += 1
@@ -283,43 +286,63 @@ def require(obj, field, types, where):
 
 
 class SegmentStore:
-    """Tokenized text segments in a temporary file on disk, tokenized in batches. Segments are
-    referred to by number; `get` reads one back through a memory map."""
+    """Tokenized text segments in a temporary file on disk. Texts are tokenized in batches by
+    `threads` worker threads, each encoding a contiguous slice of the batch (tiktoken releases the
+    GIL while it encodes; one task per slice instead of encode_ordinary_batch's one per text
+    saves a thread hand-off per document), and reading the next batch overlaps with tokenizing
+    this one. Segments are numbered in the order they were added; `get` reads one
+    back with pread (a memory map would count the whole file as resident memory once read)."""
 
     def __init__(self, path, enc, dtype, threads, batch_chars=1 << 22):
         self.path, self.enc, self.dtype, self.threads = path, enc, dtype, threads
         self.file = open(path, "wb")
         self.offsets, self.lengths = array.array("q"), array.array("q")
-        self.queue, self.queued_chars, self.n_written, self.batch_chars = [], 0, 0, batch_chars
-        self.view = None
+        self.queue, self.queued_chars, self.n_added, self.n_written, self.batch_chars = [], 0, 0, 0, batch_chars
+        self.workers, self.in_flight, self.fd = ThreadPoolExecutor(threads), [], None
 
     def add(self, text):
         self.queue.append(text)
         self.queued_chars += len(text)
+        self.n_added += 1
         if self.queued_chars >= self.batch_chars:
             self.flush()
-        return len(self.offsets) + len(self.queue) - 1
+        return self.n_added - 1
 
     def flush(self):
+        """Hand the queued texts to the tokenizer thread (after writing the previous batch)."""
+        self.write_finished()
         if not self.queue:
             return
-        for ids in self.enc.encode_ordinary_batch(self.queue, num_threads=self.threads):
-            self.offsets.append(self.n_written)
-            self.lengths.append(len(ids))
-            self.file.write(np.asarray(ids, dtype=self.dtype).tobytes())
-            self.n_written += len(ids)
+        step = -(-len(self.queue) // self.threads)
+        encode = lambda texts: [self.enc.encode_ordinary(t) for t in texts]
+        self.in_flight = [self.workers.submit(encode, self.queue[i: i + step]) for i in range(0, len(self.queue), step)]
         self.queue, self.queued_chars = [], 0
 
+    def write_finished(self):
+        if not self.in_flight:
+            return
+        encoded = [ids for task in self.in_flight for ids in task.result()]
+        self.in_flight = []
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        self.offsets.extend((self.n_written + np.cumsum(lengths) - lengths).tolist())
+        self.lengths.extend(lengths.tolist())
+        total = int(lengths.sum())
+        self.file.write(np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=total).tobytes())
+        self.n_written += total
+
     def get(self, segment):
-        if self.view is None:
+        if self.fd is None:
             self.flush()
+            self.write_finished()
             self.file.close()
-            self.view = np.memmap(self.path, dtype=self.dtype, mode="r") if self.n_written else np.zeros(0, self.dtype)
-        start = self.offsets[segment]
-        return self.view[start: start + self.lengths[segment]]
+            self.fd = os.open(self.path, os.O_RDONLY)
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self.fd, self.lengths[segment] * size, self.offsets[segment] * size), self.dtype)
 
     def close(self):
-        self.view = None
+        self.workers.shutdown(cancel_futures=True)
+        if self.fd is not None:
+            os.close(self.fd)
         if not self.file.closed:
             self.file.close()
         os.remove(self.path)
@@ -340,27 +363,32 @@ def first_duplicate(hashes, where):
     return where(a), where(b)
 
 
-def read_real(path, store, split_at=None):
-    """Real documents -> (ids, segment ids of each document's pieces). Only in latent mode does
-    split_at(id, text, where) give character cuts; otherwise a document is one piece."""
-    ids, segments, hashes, lines = [], [], array.array("Q"), array.array("q")
+def read_real(path, store, split_at=None, keep_ids=False):
+    """Real documents -> (ids if keep_ids, first segment of each document, its number of segments).
+    A document's pieces are consecutive segments; only in latent mode does split_at(id, text,
+    where) cut it (at characters), otherwise it is one piece. Group g is the g-th document."""
+    ids, first, count, hashes, lines = [], array.array("q"), array.array("q"), array.array("Q"), array.array("q")
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
         doc_id = require(obj, "id", (str,), where)
         text = require(obj, "text", (str,), where)
         if not text.strip():
             raise DataError(f"{where}: document {doc_id!r} has empty text")
-        ids.append(doc_id)
+        if keep_ids:
+            ids.append(doc_id)
         hashes.append(id_hash(doc_id))
         lines.append(lineno)
         cuts = [0] + (split_at(doc_id, text, where) if split_at else []) + [len(text)]
-        segments.append([store.add(text[a:b]) for a, b in zip(cuts, cuts[1:])])
+        first.append(store.add(text[0:cuts[1]]))
+        for a, b in zip(cuts[1:], cuts[2:]):
+            store.add(text[a:b])
+        count.append(len(cuts) - 1)
     dup = first_duplicate(hashes, lambda i: f"{path}:{lines[i]}")
     if dup:
         raise DataError(f"duplicate document id: {dup[1]} repeats the id of {dup[0]}")
-    if not ids:
+    if not lines:
         raise DataError(f"{path}: no documents")
-    return ids, segments
+    return ids, np.frombuffer(first, dtype=np.int64), np.frombuffer(count, dtype=np.int64)
 
 
 def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
@@ -401,8 +429,7 @@ def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
             if not text.strip():
                 counts["empty generations, excluded"] += 1
                 continue
-            if kind == "latent":
-                cut.append(require(obj, "cut_char", (int,), where))
+            cut.append(require(obj, "cut_char", (int,), where) if kind == "latent" else -1)
             source.append(source_index[source_id])
             index.append(rec_index)
             segment.append(store.add(text))
@@ -417,35 +444,30 @@ def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
 # -----------------------------------------------------------------------------
 # packing
 
+REAL_DOC, SYN_DOC, LATENT_DOC = 0, 1, 2   # what a packed document is made of (see document_order)
+
+
 def document_order(mode, n_real, syn_source, syn_index, real_position, rng):
-    """The packed stream as a list of documents, each (kind of document, source group, items),
-    where an item is ("real", source) or ("syn", record number). This is the megadoc logic."""
-    if mode == "real":
-        return [("real", s, [("real", s)]) for s in rng.permutation(n_real)]
-    by_source = np.lexsort((syn_index, syn_source))  # records grouped by source, then by index
-    starts = np.searchsorted(syn_source[by_source], np.arange(n_real + 1))
-    records_of = lambda s: by_source[starts[s]: starts[s + 1]].tolist()
-    if mode == "shuffled":
-        docs = [("syn", s, [("syn", r)]) for s in range(n_real) for r in records_of(s)]
-        if real_position != "none":
-            docs += [("real", s, [("real", s)]) for s in range(n_real)]
-        return [docs[i] for i in rng.permutation(len(docs))]
-    docs = []
-    for s in rng.permutation(n_real).tolist():
-        if mode == "latent":   # one stretched document: items are resolved against the cuts later
-            thoughts = [("syn", r) for r in records_of(s)]
-            docs.append(("latent", s, thoughts) if thoughts else ("real", s, [("real", s)]))
-            continue
-        megadoc = [("syn", s, [("syn", r)]) for r in records_of(s)]
-        real = [("real", s, [("real", s)])]
-        if real_position == "back":
-            megadoc = megadoc + real
-        elif real_position == "front":
-            megadoc = real + megadoc
-        if not megadoc:
-            continue   # real_position none and no generations for this source
-        docs.extend(megadoc)
-    return docs
+    """The packed stream, as three arrays over its documents: what each is (REAL_DOC: real
+    document `item`; SYN_DOC: synthetic record `item`; LATENT_DOC: real document `item` stretched
+    with its thoughts), `item`, and its source group. This is the megadoc logic."""
+    if mode == "real" or mode == "latent":
+        sources = rng.permutation(n_real)
+        has_thoughts = np.bincount(syn_source, minlength=n_real)[sources] > 0
+        return np.where(has_thoughts, LATENT_DOC, REAL_DOC), sources, sources
+    real = np.arange(n_real) if real_position != "none" else np.zeros(0, np.int64)
+    what = np.concatenate([np.full(len(syn_source), SYN_DOC), np.full(len(real), REAL_DOC)])
+    item = np.concatenate([np.arange(len(syn_source)), real])
+    group = np.concatenate([syn_source, real])
+    if mode == "shuffled":   # every document on its own, in one random order
+        order = rng.permutation(len(item))
+        return what[order], item[order], group[order]
+    # sorted: megadocs in a random order; inside one, the records by index and the real document
+    # last ("back") or first ("front")
+    rank = np.argsort(rng.permutation(n_real))           # the position of each source's megadoc
+    index = np.concatenate([syn_index, np.full(len(real), np.iinfo(np.int64).max if real_position == "back" else -1)])
+    order = np.lexsort((index, rank[group]))
+    return what[order], item[order], group[order]
 
 
 def windows_with_repeated_source(starts, groups, n_tokens, context):
@@ -500,52 +522,51 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
                     raise DataError(f"{where}: a latent thought of {doc_id!r} cuts at {cuts}, outside "
                                     f"the document's {len(text)} characters")
                 return cuts
-            real_ids, real_segments = read_real(real_path, store, split_at)
+            _, first, count = read_real(real_path, store, split_at)
             open_seg, close_seg = store.add(THOUGHT_OPEN), store.add(THOUGHT_CLOSE)
         else:
-            real_ids, real_segments = read_real(real_path, store)
+            real_ids, first, count = read_real(real_path, store, keep_ids=mode != "real")
             source_index = {doc_id: i for i, doc_id in enumerate(real_ids)}
             syn_source = syn_index = syn_segment = syn_cut = np.zeros(0, np.int64)
             if mode != "real":
                 syn_source, syn_index, syn_segment, syn_cut = read_synthetic(
                     synthetic, kind, G, source_index, keep_truncated, store, counts)
-        store.flush()
         rng = np.random.default_rng(seed)
-        docs = document_order(mode, len(real_ids), syn_source, syn_index, real_position, rng)
+        n_real = len(first)
+        what, item, group = document_order(mode, n_real, syn_source, syn_index, real_position, rng)
+        thoughts = np.lexsort((syn_cut, syn_source))   # latent: each source's thoughts, by cut
+        thoughts_from = np.searchsorted(syn_source[thoughts], np.arange(n_real + 1))
 
         writer = TokenWriter(out, enc.n_vocab, bos_id)
-        kind_code = {"real": 0, "syn": KINDS.index(kind), "latent": KINDS.index("latent")}
-        per_kind = {k: [0, 0] for k in KINDS}
-        for doc_kind, group, items in docs:
-            if doc_kind == "latent":   # piece 0, thought 0, piece 1, ..., thought G-1, piece G
-                thoughts = sorted((syn_cut[r], r) for _, r in items)
-                pieces = real_segments[group]
-                segs = [pieces[0]]
-                for (_, r), piece in zip(thoughts, pieces[1:]):
-                    segs += [open_seg, syn_segment[r], close_seg, piece]
+        kind_code = {REAL_DOC: 0, SYN_DOC: KINDS.index(kind), LATENT_DOC: KINDS.index("latent")}
+        for w, x, g in zip(what.tolist(), item.tolist(), group.tolist()):
+            if w == SYN_DOC:
+                segs = [syn_segment[x]]
             else:
-                segs = [seg for src, x in items for seg in (real_segments[x] if src == "real" else [syn_segment[x]])]
-            arrays = [store.get(s) for s in segs]
-            start = writer.n_tokens
-            writer.add(kind_code[doc_kind], group, arrays)
-            stats = per_kind[KINDS[kind_code[doc_kind]]]
-            stats[0] += 1
-            stats[1] += writer.n_tokens - start
+                segs = list(range(first[x], first[x] + count[x]))
+            if w == LATENT_DOC:   # piece 0, thought 0, piece 1, ..., thought G-1, piece G
+                ts = thoughts[thoughts_from[x]: thoughts_from[x + 1]]
+                segs = segs[:1] + [seg for t, piece in zip(ts, segs[1:])
+                                   for seg in (open_seg, syn_segment[t], close_seg, piece)]
+            writer.add(kind_code[w], g, [store.get(seg) for seg in segs])
 
         with_generations = len(np.unique(syn_source))
         writer.flush()
         index = np.fromfile(writer.paths[1] + ".tmp", dtype=INDEX_RECORD, offset=HEADER_BYTES)
         n_groups = len(np.unique(index["group"]))
+        lengths = np.diff(np.append(index["start"], writer.n_tokens))
+        per_kind = {k: [int(np.sum(index["kind"] == c)), int(lengths[index["kind"] == c].sum())]
+                    for c, k in enumerate(KINDS)}
         summary = {
             "mode": mode, "G": G, "real_position": real_position if mode in ("sorted", "shuffled") else None,
             "synthetic_kind": kind if mode != "real" else None, "seed": seed, "tokenizer": tokenizer,
             "vocab_size": enc.n_vocab, "bos_id": bos_id, "real": real_path, "synthetic": list(synthetic),
             "documents": writer.n_docs, "tokens": writer.n_tokens,
             "per_kind": {k: {"documents": d, "tokens": t} for k, (d, t) in per_kind.items() if d},
-            "sources": len(real_ids),
+            "sources": n_real,
             "sources with generations": with_generations,
-            "sources with fewer than G generations": int(len(real_ids) - np.sum(
-                np.bincount(syn_source, minlength=len(real_ids)) >= G)) if mode != "real" else None,
+            "sources with fewer than G generations": int(n_real - np.sum(
+                np.bincount(syn_source, minlength=n_real) >= G)) if mode != "real" else None,
             "mean megadoc tokens": writer.n_tokens / max(n_groups, 1),
             "context": context,
             "windows with 2+ documents of one source": windows_with_repeated_source(
@@ -553,7 +574,7 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
             "records": dict(counts),
             "seconds": round(time.time() - t0, 2),
         }
-        writer.close(dict(summary, source_ids=real_ids))
+        writer.close(summary)
     finally:
         store.close()
     print_summary(out, summary, log)

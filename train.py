@@ -196,24 +196,29 @@ def per_token_losses(model, tokens, groups, cfg, bos_id, device, ctx):
     return loss.float().cpu()
 
 
-def evaluate_stream(model, tf, cfg, bos_id, device, ctx):
-    """Mean loss over every token of a token file, each window once, in order (the tail too)."""
-    T, n = cfg.block_size, len(tf)
-    total, count = 0.0, 0
+def eval_batches(tf, T, batch_size):
+    """Every window of a token file once, in order, the short tail too, as (B, T + 1) token rows
+    (-1 pads the tail: no target there) and their (B, T) group ids."""
+    n = len(tf)
     starts = list(range(0, n - 1, T))
-    for i in range(0, len(starts), cfg.eval_batch_size):
-        rows, groups = [], []
-        for s in starts[i: i + cfg.eval_batch_size]:
-            row = np.full(T + 1, -1, dtype=np.int64)
+    for i in range(0, len(starts), batch_size):
+        rows = np.full((len(starts[i: i + batch_size]), T + 1), -1, dtype=np.int64)
+        groups = np.full((len(rows), T), -1, dtype=np.int64)
+        for r, s in enumerate(starts[i: i + batch_size]):
             chunk = tf.tokens[s: s + T + 1]
-            row[: len(chunk)] = chunk
-            rows.append(row)
-            groups.append(np.pad(tf.group_ids(s, min(T, n - s)), (0, max(0, T - (n - s))), constant_values=-1))
-        tokens = torch.from_numpy(np.stack(rows))
-        x_valid = tokens[:, :-1] >= 0
-        tokens[:, :-1][~x_valid] = 0   # padding inputs: any id; their targets are -1
-        loss = per_token_losses(model, tokens, torch.from_numpy(np.stack(groups)), cfg, bos_id, device, ctx)
+            rows[r, : len(chunk)] = chunk
+            groups[r, : len(chunk) - 1] = tf.group_ids(s, len(chunk) - 1)
+        tokens = torch.from_numpy(rows)
         valid = tokens[:, 1:] >= 0
+        tokens[:, :-1].clamp_(min=0)   # padded inputs: any id will do, their targets are -1
+        yield tokens, torch.from_numpy(groups), valid
+
+
+def evaluate_stream(model, tf, cfg, bos_id, device, ctx):
+    """Mean loss (nats) over every token of a token file."""
+    total, count = 0.0, 0
+    for tokens, groups, valid in eval_batches(tf, cfg.block_size, cfg.eval_batch_size):
+        loss = per_token_losses(model, tokens, groups, cfg, bos_id, device, ctx)
         total += loss[valid].double().sum().item()
         count += int(valid.sum())
     return total / count

@@ -1,0 +1,179 @@
+"""
+evaluate.py: ensembles, power-law fits, data efficiency, and the tables and figures of a study.
+
+    python evaluate.py ensemble --val out/data/val out/runs/sorted-s0/ckpt.pt out/runs/sorted-s1/ckpt.pt ...
+    python evaluate.py fit 1 2 4 8 --loss 3.9 3.7 3.6 3.55     # L(x) = A / x^B + C
+
+Reads:  checkpoints written by train.py, token files written by pack.py.
+Writes: nothing by itself; demo.py and sweep.py use its functions to print Markdown tables and
+        draw PNG figures (figures need matplotlib; without it they are skipped with a note).
+
+Definitions (DESIGN.md):
+  * ensemble loss: the members' predicted probabilities are averaged (not their logits), then
+    the mean next-token loss of that mixture is taken over every held-out token.
+  * fit: L(x) = A / x^B + C by least squares, numpy only; x = parameters, members or real tokens;
+    C is the asymptote.
+  * data efficiency of a loss L: invert the real-only fit L(D) at L, and divide by the real
+    tokens actually used ("the baseline needs k x more real data to reach this loss").
+"""
+import argparse
+import math
+import sys
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# ensembles
+
+
+@torch.no_grad()
+def ensemble_loss(ckpt_paths, val_prefix, batch_size=16, device="cpu"):
+    """Mean loss (nats) of the average of K members' probabilities on every held-out token."""
+    from model import document_ids
+    from pack import TokenFile
+    from train import eval_batches, load_model
+    members = [load_model(p, device) for p in ckpt_paths]
+    cfgs = [ckpt["config"] for _, ckpt in members]
+    T, mask = cfgs[0]["block_size"], cfgs[0]["mask"]
+    if any((c["block_size"], c["mask"]) != (T, mask) for c in cfgs):
+        raise ValueError("ensemble members must share block_size and mask kind")
+    tf = TokenFile(val_prefix)
+    total, count = 0.0, 0
+    for tokens, groups, valid in eval_batches(tf, T, batch_size):
+        x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        doc = document_ids(x, tf.bos_id)
+        # log of the mean probability = logsumexp of the members' log-probabilities - log K
+        logp = torch.stack([torch.log_softmax(m(x, doc_ids=doc, group_ids=groups.to(device), mask_kind=mask)[0], -1)
+                            for m, _ in members])
+        mixture = torch.logsumexp(logp, dim=0) - math.log(len(members))
+        nll = -mixture.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu()
+        total += nll[valid].double().sum().item()
+        count += int(valid.sum())
+    return total / count
+
+
+# -----------------------------------------------------------------------------
+# fits and data efficiency
+
+
+def fit_power_law(x, y):
+    """Least-squares fit of y = A / x^B + C; returns (A, B, C). For a fixed B the model is linear
+    in (A, C), so B is found by a 1-D search (a log-spaced grid, then repeated refinement) and
+    A, C by linear least squares at each B."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3:
+        raise ValueError("a fit of A / x^B + C needs at least 3 points")
+
+    def solve(B):
+        design = np.stack([x ** -B, np.ones_like(x)], axis=1)
+        (A, C), *_ = np.linalg.lstsq(design, y, rcond=None)
+        return float(np.sum((design @ [A, C] - y) ** 2)), A, C
+
+    grid = np.logspace(-4, 1, 200)
+    for _ in range(40):
+        errors = [solve(B)[0] for B in grid]
+        i = int(np.argmin(errors))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        if hi - lo < 1e-12:
+            break
+        grid = np.linspace(lo, hi, 21)
+    B = float(grid[i])
+    _, A, C = solve(B)
+    return float(A), B, float(C)
+
+
+def power_law(x, A, B, C):
+    return A / np.asarray(x, dtype=float) ** B + C
+
+
+def invert_power_law(loss, A, B, C):
+    """The x at which A / x^B + C equals loss (inf at or below the asymptote C)."""
+    if loss <= C or A <= 0:
+        return math.inf
+    return (A / (loss - C)) ** (1 / B)
+
+
+def data_efficiency(loss, real_law, real_tokens):
+    """k such that the real-only law needs k x real_tokens to reach this loss."""
+    return invert_power_law(loss, *real_law) / real_tokens
+
+
+# -----------------------------------------------------------------------------
+# tables and figures
+
+
+def markdown_table(headers, rows):
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation loss (nats)"):
+    """A bar chart with error bars; returns the path, or None (with a note) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, skipping {path} (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar(labels, means, yerr=spreads, capsize=4, color="#4c72b0")
+    lo, hi = min(m - s for m, s in zip(means, spreads)), max(m + s for m, s in zip(means, spreads))
+    ax.set_ylim(lo - 0.2 * (hi - lo + 1e-3), hi + 0.2 * (hi - lo + 1e-3))
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nats)", logx=True):
+    """series: {label: (xs, ys, spreads)}; returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, skipping {path} (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, (xs, ys, spreads) in series.items():
+        ax.errorbar(xs, ys, yerr=spreads, marker="o", capsize=3, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("ensemble", help="loss of the probability-averaged ensemble of checkpoints")
+    e.add_argument("--val", required=True, help="pack.py prefix of the held-out real tokens")
+    e.add_argument("ckpts", nargs="+")
+    f = sub.add_parser("fit", help="fit L(x) = A / x^B + C")
+    f.add_argument("x", type=float, nargs="+")
+    f.add_argument("--loss", type=float, nargs="+", required=True)
+    args = ap.parse_args(argv)
+    if args.command == "ensemble":
+        for k in range(1, len(args.ckpts) + 1):
+            print(f"K = {k}: ensemble loss {ensemble_loss(args.ckpts[:k], args.val):.4f}")
+    else:
+        if len(args.x) != len(args.loss):
+            sys.exit("error: as many --loss values as x values")
+        A, B, C = fit_power_law(args.x, args.loss)
+        print(f"L(x) = {A:.4g} / x^{B:.4g} + {C:.4f}   (asymptote {C:.4f})")
+
+
+if __name__ == "__main__":
+    main()
