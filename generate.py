@@ -42,7 +42,8 @@ import time
 
 import requests
 
-from pack import load_tokenizer
+from pack import DataError, read_jsonl, require
+from tokenizer import load_tokenizer
 
 SYSTEM = "Reply with the requested text only, with no preamble, notes or commentary."
 PROMPTS = {
@@ -175,18 +176,15 @@ def request_seed(seed, source_id, kind, index):
 
 
 def read_docs(path):
-    """Yield the documents of a JSONL file; a malformed line is an error naming file and line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                doc = json.loads(raw.decode("utf-8"))
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                raise Fatal(f"{path}:{lineno}: malformed JSON line ({e})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or not isinstance(doc.get("text"), str):
-                raise Fatal(f'{path}:{lineno}: expected a JSON object with string fields "id" and "text"')
+    """Yield (line number, document) of a JSONL file; a bad line stops the run naming file and line
+    (pack.py's reader and checks, so both scripts accept exactly the same input)."""
+    try:
+        for lineno, doc in read_jsonl(path):
+            require(doc, "id", (str,), f"{path}:{lineno}")
+            require(doc, "text", (str,), f"{path}:{lineno}")
             yield lineno, doc
+    except DataError as e:
+        raise Fatal(str(e)) from None
 
 
 def scan_output(path, kind, G):
@@ -489,7 +487,7 @@ def parse_args(argv):
     p.add_argument("--max-source-tokens", type=int, default=2048,
                    help="truncate the source to this many tokens (latent: half before, half after the cut); 0 = no limit")
     p.add_argument("--prefix-tokens", type=int, default=32, help="self-distill: real prefix length; 0 = unconditional")
-    p.add_argument("--tokenizer", default="gpt2", help="for truncation, cuts and prefixes (see pack.load_tokenizer)")
+    p.add_argument("--tokenizer", default="gpt2", help="for truncation, cuts and prefixes (see tokenizer.load_tokenizer)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     p.add_argument("--shard", default="0/1", help="i/n: only documents whose position modulo n is i")
     p.add_argument("--max-tries", type=int, default=8)

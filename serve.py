@@ -16,7 +16,7 @@ API (the subset generate.py uses)
   Every prompt starts with BOS, as every training document does.
 
 Reads the checkpoint train.py writes (torch.save of {"model": state_dict, "model_config": GPTConfig
-fields, "tokenizer": spec for pack.load_tokenizer}); writes nothing. One request samples at a time
+fields, "tokenizer": spec for tokenizer.load_tokenizer}); writes nothing. One request samples at a time
 (the n choices of a request are one batch).
 """
 import argparse
@@ -28,19 +28,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from model import GPT, GPTConfig
-from pack import load_tokenizer
+from tokenizer import load_tokenizer
+from train import load_model
 
 CHUNK = 64  # tokens sampled per model.generate call; between calls we stop if every choice has ended
 
 
 def load_checkpoint(path, device="cpu"):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    # a torch.compile'd model saves its weights under "_orig_mod."
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    model, ckpt = load_model(path, device)
     enc, bos = load_tokenizer(ckpt.get("tokenizer", "gpt2"))
-    return model.to(device).eval(), enc, bos
+    return model, enc, bos
 
 
 class BadRequest(Exception):

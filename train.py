@@ -372,10 +372,12 @@ def main(argv=None):
 
     rows_per_micro = cfg.batch_size
     tokens_per_step = (n_real + n_syn) * cfg.block_size
-    t_start, t_last, data_time, metrics = time.time(), time.time(), 0.0, {}
+    # seconds spent per part of a training step (evaluation and checkpoints are not counted)
+    timing = dict.fromkeys(("data", "forward_backward", "optimizer", "step_total"), 0.0)
+    t_start, metrics = time.time(), {}
     start_step = step
     while step < steps:
-        t0 = time.time()
+        t_step = time.perf_counter()
         lr = lr_at(step, steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -386,19 +388,23 @@ def main(argv=None):
         for micro in range(cfg.grad_accum):
             lo = (micro * world + rank) * rows_per_micro
             part = windows[lo: lo + rows_per_micro]
-            tdata = time.time()
+            t0 = time.perf_counter()
             batches = [(src, [w for s, w in part if s == src]) for src in ("syn", "real")]
             xs, ys, gs = zip(*[(syn if src == "syn" else real).batch(ws, device) for src, ws in batches if ws])
             x, y, g = torch.cat(xs), torch.cat(ys), torch.cat(gs)
-            data_time += time.time() - tdata
+            t1 = time.perf_counter()
             sync = nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else train_model.no_sync()
             with sync, ctx:
                 _, loss = train_model(x, y, doc_ids=document_ids(x, bos_id), group_ids=g, mask_kind=cfg.mask)
                 (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+            loss_sum += loss.item() / cfg.grad_accum   # .item() waits for the GPU: the timing is honest
+            timing["data"] += t1 - t0
+            timing["forward_backward"] += time.perf_counter() - t1
+        t0 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        timing["optimizer"] += time.perf_counter() - t0
         if ddp:   # the logged loss is the global batch's mean
             loss_t = torch.tensor(loss_sum, device=device)
             dist.all_reduce(loss_t)
@@ -406,14 +412,13 @@ def main(argv=None):
         step += 1
 
         if step % cfg.log_interval == 0 or step == steps:
-            now = time.time()
             done = step - start_step
-            tok_s = done * tokens_per_step / (now - t_start)
-            eta = (steps - step) * (now - t_start) / done
+            tok_s = done * tokens_per_step / (timing["step_total"] + time.perf_counter() - t_step)
+            eta = (steps - step) * (time.time() - t_start) / done
             log(f"step {step:>6}/{steps} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                 f"eta {eta / 60:.1f} min")
-            record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s,
-                    "data_time_share": data_time / (now - t_start)})
+            record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s})
+        timing["step_total"] += time.perf_counter() - t_step
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == steps:
             if master:
                 metrics = evaluate(model, data, cfg, bos_id, device, ctx)
@@ -431,7 +436,10 @@ def main(argv=None):
                    "params": model.num_params(), "steps": steps, "real_windows": real.n,
                    "real_sequences_seen": steps * n_real, "synthetic_sequences_seen": steps * n_syn,
                    "real_tokens": len(data["real"]), "final_train_loss": loss_sum, **metrics,
-                   "seconds": time.time() - t_start, "data_time_share": data_time / (time.time() - t_start)}
+                   "seconds": time.time() - t_start,
+                   "tokens_per_s": (steps - start_step) * tokens_per_step / max(timing["step_total"], 1e-9),
+                   "step_time_shares": {k: v / max(timing["step_total"], 1e-9) for k, v in timing.items()
+                                        if k != "step_total"}}
         with open(os.path.join(cfg.out_dir, "summary.json.tmp"), "w") as f:
             json.dump(summary, f, indent=1)
         os.replace(os.path.join(cfg.out_dir, "summary.json.tmp"), os.path.join(cfg.out_dir, "summary.json"))

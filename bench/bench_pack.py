@@ -23,6 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import pack  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 def make_input(path, megabytes):
@@ -52,7 +53,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--trials", type=int, default=3, help="alternating timed runs of each; the best counts")
     args = ap.parse_args()
-    enc, _ = pack.load_tokenizer("gpt2")
+    enc, _ = load_tokenizer("gpt2")
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for mb in args.sizes:

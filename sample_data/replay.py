@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import generate  # noqa: E402
-from pack import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 MODEL = "claude-written"   # see sample_data/README.md: who wrote the texts, and how
 RUNS = {"rephrase": 4, "latent": 2}   # kind -> G

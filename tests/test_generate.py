@@ -20,7 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import generate  # noqa: E402
-from pack import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 KEY = "sk-nanosynth-test-7Q4zX9-secret"
 FAULT = re.compile(r"\[\[(\w+)\]\]")  # a document asks for a fault with a marker like [[e500]]
@@ -399,8 +399,8 @@ def test_malformed_input_line_names_file_and_line(tmp_path, server, monkeypatch,
     inp.write_text('{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"\n')
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--input", str(inp), "--out", str(tmp_path / "o.jsonl"), "--endpoint", url)
-    assert f"{inp}:3: malformed JSON line" in capfd.readouterr().err
+    assert f"{inp}:3: malformed JSON" in capfd.readouterr().err
     inp.write_text('{"id": 1, "text": "x"}\n')
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--input", str(inp), "--out", str(tmp_path / "o.jsonl"), "--endpoint", url)
-    assert f'{inp}:1: expected a JSON object with string fields "id" and "text"' in capfd.readouterr().err
+    assert f"{inp}:1: field 'id' must be str, got int 1" in capfd.readouterr().err

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import pack
-from pack import DataError, TokenFile, load_tokenizer
+from pack import DataError, TokenFile
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENC, BOS = load_tokenizer("gpt2")
@@ -225,3 +226,16 @@ def test_cli_error_exit(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
     with pytest.raises(SystemExit, match=r"error: .*bad.jsonl:1: malformed JSON"):
         pack.main(["--real", path, "--out", str(tmp_path / "o")])
+
+
+def test_llama3_shaped_ranks_file(tmp_path):
+    # a 128,000-rank file gets Llama 3's 256 special tokens and pattern; BOS is <|begin_of_text|>
+    import base64
+    ranks = [bytes([i]) for i in range(256)] + [b"\x00\x01" + i.to_bytes(3, "little") for i in range(128000 - 256)]
+    with open(tmp_path / "tokenizer.model", "wb") as f:
+        f.writelines(base64.b64encode(tok) + b" %d\n" % r for r, tok in enumerate(ranks))
+    enc, bos = load_tokenizer(str(tmp_path / "tokenizer.model"))
+    assert bos == 128000 and enc.n_vocab == 128256
+    assert enc.encode("<|end_of_text|><|eot_id|><|reserved_special_token_247|>", allowed_special="all") == [128001, 128009, 128255]
+    assert enc.encode_ordinary("ab 12345") == [97, 98, 32, 49, 50, 51, 52, 53]
+    assert pack.token_dtype(enc.n_vocab) == np.uint32

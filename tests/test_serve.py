@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 import generate  # noqa: E402
 import serve  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from pack import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 KEY = "sk-serve-test-secret-31337"
 
