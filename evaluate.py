@@ -145,6 +145,8 @@ def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nat
         ax.errorbar(xs, ys, yerr=spreads, marker="o", capsize=3, label=label)
     if logx:
         ax.set_xscale("log", base=2)
+        ticks = sorted({x for xs, _, _ in series.values() for x in xs})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -348,10 +348,12 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x[:, -1])).float()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True,
+                 vocab_size=None):
         """Sample max_new_tokens after each of the B equal-length prompts in idx (B, T0), e.g. a
         (B, 1) tensor of BOS tokens for unconditional samples. Returns (B, T0 + max_new_tokens).
         temperature 0 is greedy; top_k keeps the k most likely tokens. Causal attention only.
+        vocab_size: sample only ids below it (the tokenizer's size: the embedding may be padded).
         The whole output must fit in block_size: longer requests raise ValueError rather than
         cropping the context (cropping would silently change what the model conditions on)."""
         B, T0 = idx.shape
@@ -367,6 +369,8 @@ class GPT(nn.Module):
                 logits = self._step(new, cache)  # prefill the whole prompt once, then one token a step
             else:
                 logits = self(idx, attn_impl="sdpa")[0][:, -1]  # recompute everything (reference)
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float("-inf")   # padding ids are no tokens
             if temperature == 0:
                 new = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -46,14 +46,15 @@ class BadRequest(Exception):
         self.code = code
 
 
-def sample(model, prompt, n, max_tokens, temperature, top_k, seed, bos, device):
+def sample(model, prompt, n, max_tokens, temperature, top_k, seed, bos, device, vocab_size=None):
     """n continuations of the token list prompt: a list of (tokens, finish_reason), each cut at
-    (and including) its first BOS."""
+    (and including) its first BOS. Only ids below vocab_size are sampled (the model's embedding is
+    padded beyond the tokenizer's ids)."""
     g = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([prompt] * n, dtype=torch.long, device=device)
     while idx.size(1) - len(prompt) < max_tokens:
         steps = min(CHUNK, max_tokens - (idx.size(1) - len(prompt)))
-        idx = model.generate(idx, steps, temperature=temperature, top_k=top_k, generator=g)
+        idx = model.generate(idx, steps, temperature=temperature, top_k=top_k, generator=g, vocab_size=vocab_size)
         if (idx[:, len(prompt):] == bos).any(dim=1).all():
             break  # every choice has ended: no need to sample up to max_tokens
     out = []
@@ -94,7 +95,8 @@ def complete(srv, req):
                          f"model's context of {block} tokens")
     seed = seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
     with srv.lock:  # one batch at a time: the CPU (or GPU) is shared anyway
-        outs = sample(srv.model, ids, n, max_tokens, float(temperature), top_k, seed, srv.bos, srv.device)
+        outs = sample(srv.model, ids, n, max_tokens, float(temperature), top_k, seed, srv.bos, srv.device,
+                      srv.enc.n_vocab)
     choices = [{"index": i, "text": srv.enc.decode([t for t in toks if t != srv.bos]), "finish_reason": reason,
                 "logprobs": None} for i, (toks, reason) in enumerate(outs)]
     used = sum(len(toks) for toks, _ in outs)

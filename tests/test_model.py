@@ -273,3 +273,17 @@ def test_init_scales_residual_projections_with_depth():
         else:
             want = residual_std if name.endswith(("attn.wo.weight", "mlp.down.weight")) else 0.02
             assert abs(p.std().item() - want) < 0.1 * want, name
+
+
+def test_generate_never_samples_padding_ids():
+    # the embedding is padded beyond the tokenizer: make the padded ids the most likely ones
+    model = tiny_model()
+    V = model.config.vocab_size
+    with torch.no_grad():
+        model.lm_head.weight[V - 8:] *= 50
+    bos = torch.zeros(4, 1, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    free = model.generate(bos, 40, temperature=1.0, generator=g)
+    assert (free >= V - 8).any()                       # without a limit they are sampled
+    limited = model.generate(bos, 40, temperature=1.0, generator=g, vocab_size=V - 8)
+    assert (limited < V - 8).all()
