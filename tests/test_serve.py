@@ -89,7 +89,7 @@ class StubModel:
     def __init__(self, bos):
         self.bos, self.calls = bos, 0
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_size=None):
         self.calls += 1
         for _ in range(max_new_tokens):
             T = idx.size(1)

@@ -104,7 +104,8 @@ def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
     assert "best: " in table and "mix = " in table   # a 2-point grid: the best is on its edge
     summaries = {m: json.load(open(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=m, weight_decay=0.1, lr=3e-3))}/summary.json"))
                  for m in (0, 0.5)}
-    assert summaries[0.5]["steps"] == 2 * summaries[0]["steps"]          # m = 0.5 doubles the steps
+    windows = summaries[0]["real_windows"]
+    assert (summaries[0]["steps"], summaries[0.5]["steps"]) == (windows // 4, windows // 2)  # 4 vs 2 real per batch
     assert summaries[0.5]["synthetic_sequences_seen"] == summaries[0.5]["real_sequences_seen"]
     mtime = os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/summary.json")
     sweep.main(argv)                                                      # finished runs are skipped
