@@ -1,7 +1,7 @@
 """
 demo.py: the whole study at toy scale, on sample_data/, on a CPU, end to end.
 
-    python demo.py                 # about 12 minutes on 2 CPU cores; writes out/demo/
+    python demo.py                 # about 11 minutes on 2 CPU cores; writes out/demo/
     python demo.py --seeds 1       # one seed per recipe: a first look in about half the time
 
 Reads:  sample_data/train.jsonl, val.jsonl, long.jsonl and sample_data/synthetic/*.jsonl.
@@ -13,17 +13,16 @@ The setting, scaled down from the paper (DESIGN.md):
   real budget   the 160 Jargon File entries that have written rephrases and latent thoughts
                 (~27k tokens with GPT-2's first 8,192 ranks as the vocabulary)
   model         configs/cpu_demo.json: 2 layers, width 128, context 256 (2.5M parameters)
-  recipes       real      real data only, 8 epochs
-                shuffled  rephrases (G = 4) as separate documents, 2 real epochs, m = 0.75
-                sorted    the same rephrases as megadocs, real document last, 2 epochs, m = 0.75
-                latent    documents stretched with G = 2 latent thoughts, 2 epochs, m = 0.75
+  recipes       real      real data only, 6 epochs
+                shuffled  rephrases (G = 4) as separate documents, 1.5 real epochs, m = 0.75
+                sorted    the same rephrases as megadocs, real document last, 1.5 epochs, m = 0.75
+                latent    documents stretched with G = 2 latent thoughts, 1.5 epochs, m = 0.75
                 All four take the same number of steps (equal compute), 3 seeds each.
   ablations     one seed each: G = 2 for shuffled and sorted; ordering at G = 4 (no real
                 document, real first); attention blocked at document boundaries (no CDA).
-  data law      real-only runs on 40, 80 and 320 documents, each for the same number of steps as
-                the main runs, plus the 160; fitted with L(D) = A / D^B + C. A recipe's data
-                efficiency is the real budget that law needs for the recipe's loss, divided by
-                the 160 documents' tokens.
+  data law      the real-only recipe (6 epochs) on 40, 80 and 320 documents, plus the 160;
+                fitted with L(D) = A / D^B + C. A recipe's data efficiency is the real budget
+                that law needs for the recipe's loss, divided by the 160 documents' tokens.
 """
 import argparse
 import json
@@ -40,7 +39,7 @@ DATA = os.path.join(HERE, "sample_data")
 TOKENIZER = "gpt2:8192"
 CONFIG = os.path.join(HERE, "configs", "cpu_demo.json")
 CONTEXT = json.load(open(CONFIG))["block_size"]
-REAL_EPOCHS, SYN_EPOCHS, MIX = 8, 2, 0.75     # 8 real epochs = 2 real epochs at m = 0.75: same steps
+REAL_EPOCHS, SYN_EPOCHS, MIX = 6, 1.5, 0.75   # 6 real epochs = 1.5 real epochs at m = 0.75: same steps
 LAW_BUDGETS = (40, 80, 320)                   # documents, besides the main 160
 LONG_DOCS = 4                                 # long documents evaluated (each run reads all of them)
 
@@ -102,7 +101,6 @@ def main():
     t0 = time.time()
     log = lambda *a: print(*a, flush=True)
     d, n_budget, streams = prepare_data(args.out, log)
-    windows = lambda n: (streams[f"real{n}"]["tokens"] - 1) // CONTEXT
 
     base = ["--config", CONFIG, "--val", f"{d}/val", "--long", f"{d}/long", "--log_interval", "1000"]
     real = ["--real", f"{d}/real{n_budget}"]
@@ -117,18 +115,17 @@ def main():
         "sorted, real first": synthetic("sorted_G4_front"),
         "real, no CDA": recipes["real"] + ["--mask", "document"],
         "shuffled, no CDA": recipes["shuffled"] + ["--mask", "document"],
-        # the data law at equal compute: every budget gets the main runs' number of steps
-        **{f"real, {n} documents": ["--real", f"{d}/real{n}", "--epochs", f"{REAL_EPOCHS * windows(n_budget) / windows(n):.6f}"]
-           for n in LAW_BUDGETS},
+        # the data law: the real-only recipe (same epochs) at other budgets
+        **{f"real, {n} documents": ["--real", f"{d}/real{n}", "--epochs", str(REAL_EPOCHS)] for n in LAW_BUDGETS},
     }
     runs_dir = os.path.join(args.out, "runs")
     slug = lambda name: name.replace(", ", "_").replace(" ", "_").replace("=", "")
-    runs = {}
+    runs = {}   # the longest run (the largest real budget) first, so it does not run alone at the end
+    for name, extra in sorted(ablations.items(), key=lambda kv: "320 documents" not in kv[0]):
+        runs[f"{runs_dir}/{slug(name)}_s0"] = base + extra + ["--init_seed", "0", "--data_seed", "0"]
     for name, extra in recipes.items():
         for seed in range(args.seeds):
             runs[f"{runs_dir}/{name}_s{seed}"] = base + extra + ["--init_seed", str(seed), "--data_seed", str(seed)]
-    for name, extra in ablations.items():
-        runs[f"{runs_dir}/{slug(name)}_s0"] = base + extra + ["--init_seed", "0", "--data_seed", "0"]
     log(f"training {len(runs)} models ({len(recipes)} recipes x {args.seeds} seeds, {len(ablations)} single-seed "
         f"ablation and data-law runs)")
     summaries = run_all(runs, jobs=args.jobs, threads=1 if args.jobs > 1 else None, log=log)
@@ -197,8 +194,8 @@ def main():
         f"Every recipe takes {seeds('real')[0]['steps']} steps of {8 * CONTEXT} tokens. Ensembles average the "
         "members' probabilities.",
         main_table,
-        f"Real-only data law: L(D) = {law[0]:.4g} / D^{law[1]:.4g} + {law[2]:.4f} (D = real tokens; every budget "
-        f"trained for the same {seeds('real')[0]['steps']} steps, so smaller budgets take more epochs):",
+        f"Real-only data law: L(D) = {law[0]:.4g} / D^{law[1]:.4g} + {law[2]:.4f} (D = real tokens; the real-only "
+        f"recipe, {REAL_EPOCHS} epochs, at every budget):",
         law_table,
         abl_table,
         "Loss by position in the long documents (second domain, Python docs):",

@@ -110,14 +110,22 @@ def markdown_table(headers, rows):
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
 
 
-def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation loss (nats)"):
-    """A bar chart with error bars; returns the path, or None (with a note) without matplotlib."""
+def pyplot_or_note(path):
+    """matplotlib.pyplot (drawing to files), or None with a note that `path` is skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"note: matplotlib is not installed, skipping {path} (pip install matplotlib)")
+        return None
+    return plt
+
+
+def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation loss (nats)"):
+    """A bar chart with error bars; returns the path, or None (with a note) without matplotlib."""
+    plt = pyplot_or_note(path)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.bar(labels, means, yerr=spreads, capsize=4, color="#4c72b0")
@@ -133,12 +141,8 @@ def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation lo
 
 def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nats)", logx=True):
     """series: {label: (xs, ys, spreads)}; returns the path, or None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"note: matplotlib is not installed, skipping {path} (pip install matplotlib)")
+    plt = pyplot_or_note(path)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, (xs, ys, spreads) in series.items():
