@@ -318,7 +318,7 @@ def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
     """Synthetic records of `kind` with index < G whose source is known -> arrays
     (source, index, segment, cut_char). Everything not used is counted in `counts`."""
     source, index, segment, cut = (array.array("q") for _ in range(4))
-    hashes, places = array.array("Q"), []
+    hashes, files, lines = array.array("Q"), array.array("q"), array.array("q")   # two hashes per record
     for file_no, path in enumerate(paths):
         for lineno, obj in read_jsonl(path):
             where = f"{path}:{lineno}"
@@ -328,9 +328,9 @@ def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
             rec_index = require(obj, "index", (int,), where)
             text = require(obj, "text", (str,), where)
             hashes.append(id_hash(rec_id))
-            places.append(where)
             hashes.append(id_hash(source_id, rec_kind, rec_index))
-            places.append(where)
+            files.append(file_no)
+            lines.append(lineno)
             if rec_kind not in KINDS[1:]:
                 raise DataError(f"{where}: unknown kind {rec_kind!r} (expected one of {KINDS[1:]})")
             if rec_index < 0:
@@ -356,7 +356,7 @@ def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
             source.append(source_index[source_id])
             index.append(rec_index)
             segment.append(store.add(text))
-    dup = first_duplicate(hashes, lambda i: places[i])
+    dup = first_duplicate(hashes, lambda i: f"{paths[files[i // 2]]}:{lines[i // 2]}")
     if dup:
         raise DataError(f"duplicate synthetic record: {dup[1]} repeats the id or the "
                         f"(source_id, kind, index) of {dup[0]}")

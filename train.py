@@ -370,7 +370,6 @@ def main(argv=None):
             log_file.write(json.dumps(obj) + "\n")
             log_file.flush()
 
-    rows_per_micro = cfg.batch_size
     tokens_per_step = (n_real + n_syn) * cfg.block_size
     # seconds spent per part of a training step (evaluation and checkpoints are not counted)
     timing = dict.fromkeys(("data", "forward_backward", "optimizer", "step_total"), 0.0)
@@ -386,8 +385,8 @@ def main(argv=None):
         windows = [("syn", w) for w in (syn.pick(s0, sn) if sn else [])] + [("real", w) for w in real.pick(r0, rn)]
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            lo = (micro * world + rank) * rows_per_micro
-            part = windows[lo: lo + rows_per_micro]
+            lo = (micro * world + rank) * cfg.batch_size
+            part = windows[lo: lo + cfg.batch_size]
             t0 = time.perf_counter()
             batches = [(src, [w for s, w in part if s == src]) for src in ("syn", "real")]
             xs, ys, gs = zip(*[(syn if src == "syn" else real).batch(ws, device) for src, ws in batches if ws])
