@@ -1,14 +1,18 @@
 """
-evaluate.py: ensembles, power-law fits, data efficiency, and the tables and figures of a study.
+evaluate.py: evaluation. The i.i.d. and long-document losses of a model (train.py calls these at
+the end of a run), ensembles, power-law fits, data efficiency, and the tables and figures of a study.
 
     python evaluate.py ensemble --val out/data/val out/runs/sorted-s0/ckpt.pt out/runs/sorted-s1/ckpt.pt ...
     python evaluate.py fit 1 2 4 8 --loss 3.9 3.7 3.6 3.55     # L(x) = A / x^B + C
 
 Reads:  checkpoints written by train.py, token files written by pack.py.
-Writes: nothing by itself; demo.py and sweep.py use its functions to print Markdown tables and
-        draw PNG figures (figures need matplotlib; without it they are skipped with a note).
+Writes: nothing by itself; train.py, demo.py and sweep.py use its functions to measure losses, print
+        Markdown tables and draw PNG figures (figures need matplotlib; without it they are skipped
+        with a note).
 
-Definitions (DESIGN.md):
+Definitions:
+  * i.i.d. loss: the mean next-token loss (nats) over every token of the held-out real documents,
+    read in windows of the model's context (the last, shorter window included).
   * ensemble loss: the members' predicted probabilities are averaged (not their logits), then
     the mean next-token loss of that mixture is taken over every held-out token.
   * fit: L(x) = A / x^B + C by least squares, numpy only; x = parameters, members or real tokens;
@@ -19,9 +23,89 @@ Definitions (DESIGN.md):
 import argparse
 import math
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+
+from formats import TokenFile
+from model import document_ids, load_model
+
+# -----------------------------------------------------------------------------
+# losses of one model: i.i.d. (held-out real documents) and long documents by position
+
+@torch.no_grad()
+def per_token_losses(model, tokens, groups, mask, bos_id, device, ctx=nullcontext()):
+    """Per-token losses of (B, T + 1) token rows (targets of -1 are padding), on the CPU in float32."""
+    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    with ctx:
+        _, loss = model(x, y, doc_ids=document_ids(x, bos_id), group_ids=groups.to(device),
+                        mask_kind=mask, reduction="none")
+    return loss.float().cpu()
+
+
+def eval_batches(tf, T, batch_size):
+    """Every window of a token file once, in order, the short tail too, as (B, T + 1) token rows
+    (-1 pads the tail: no target there) and their (B, T) group ids."""
+    n = len(tf)
+    starts = list(range(0, n - 1, T))
+    for i in range(0, len(starts), batch_size):
+        rows = np.full((len(starts[i: i + batch_size]), T + 1), -1, dtype=np.int64)
+        groups = np.full((len(rows), T), -1, dtype=np.int64)
+        for r, s in enumerate(starts[i: i + batch_size]):
+            chunk = tf.tokens[s: s + T + 1]
+            rows[r, : len(chunk)] = chunk
+            groups[r, : len(chunk) - 1] = tf.group_ids(s, len(chunk) - 1)
+        tokens = torch.from_numpy(rows)
+        valid = tokens[:, 1:] >= 0
+        tokens[:, :-1].clamp_(min=0)   # padded inputs: any id will do, their targets are -1
+        yield tokens, torch.from_numpy(groups), valid
+
+
+def stream_loss(model, tf, mask, batch_size, device, ctx=nullcontext()):
+    """Mean loss (nats) over every token of a token file."""
+    total, count = 0.0, 0
+    for tokens, groups, valid in eval_batches(tf, model.config.block_size, batch_size):
+        loss = per_token_losses(model, tokens, groups, mask, tf.bos_id, device, ctx)
+        total += loss[valid].double().sum().item()
+        count += int(valid.sum())
+    return total / count
+
+
+def loss_by_position(model, tf, mask, batch_size, device, ctx=nullcontext()):
+    """Mean loss by position inside long documents: each document's first block_size tokens,
+    aligned to its start, bucketed by powers of two (position 1-1, 2-3, 4-7, ...)."""
+    T = model.config.block_size
+    ends = list(tf.starts[1:]) + [len(tf)]
+    rows = [np.asarray(tf.tokens[s: s + T + 1], dtype=np.int64) for s, e in zip(tf.starts, ends) if e - s > T]
+    if not rows:
+        return {}
+    sums, counts = torch.zeros(T, dtype=torch.float64), 0
+    for i in range(0, len(rows), batch_size):
+        tokens = torch.from_numpy(np.stack(rows[i: i + batch_size]))
+        groups = torch.zeros(tokens.size(0), T, dtype=torch.long)
+        sums += per_token_losses(model, tokens, groups, mask, tf.bos_id, device, ctx).double().sum(0)
+        counts += tokens.size(0)
+    by_position = sums / counts     # position p predicts token p + 1 of the document
+    buckets, lo = {}, 1
+    while lo < T:
+        hi = min(2 * lo, T)
+        buckets[f"{lo}-{hi - 1}"] = by_position[lo:hi].mean().item()
+        lo = hi
+    return buckets
+
+
+def evaluate_model(model, val, long=None, mask="causal", batch_size=16, device="cpu", ctx=nullcontext()):
+    """{"val_loss"} on the held-out token file `val`, plus "long_loss" and "long_loss_by_position"
+    when a token file of long documents is given. Leaves the model in train mode."""
+    model.eval()
+    metrics = {"val_loss": stream_loss(model, val, mask, batch_size, device, ctx)}
+    if long is not None:
+        metrics["long_loss"] = stream_loss(model, long, mask, batch_size, device, ctx)
+        metrics["long_loss_by_position"] = loss_by_position(model, long, mask, batch_size, device, ctx)
+    model.train()
+    return metrics
+
 
 # -----------------------------------------------------------------------------
 # ensembles
@@ -30,9 +114,6 @@ import torch
 @torch.no_grad()
 def ensemble_loss(ckpt_paths, val_prefix, batch_size=16, device="cpu"):
     """Mean loss (nats) of the average of K members' probabilities on every held-out token."""
-    from model import document_ids
-    from pack import TokenFile
-    from train import eval_batches, load_model
     members = [load_model(p, device) for p in ckpt_paths]
     cfgs = [ckpt["config"] for _, ckpt in members]
     T, mask = cfgs[0]["block_size"], cfgs[0]["mask"]

@@ -42,7 +42,7 @@ import time
 
 import requests
 
-from pack import DataError, read_jsonl, require
+from formats import DataError, read_jsonl, require
 from tokenizer import load_tokenizer
 
 SYSTEM = "Reply with the requested text only, with no preamble, notes or commentary."
@@ -177,7 +177,7 @@ def request_seed(seed, source_id, kind, index):
 
 def read_docs(path):
     """Yield (line number, document) of a JSONL file; a bad line stops the run naming file and line
-    (pack.py's reader and checks, so both scripts accept exactly the same input)."""
+    (the reader and checks of formats.py, so generate.py and pack.py accept exactly the same input)."""
     try:
         for lineno, doc in read_jsonl(path):
             require(doc, "id", (str,), f"{path}:{lineno}")

@@ -21,17 +21,19 @@ Two attention paths, one meaning
                torch 2.13 flex_attention has no backward on CPU. Force a path with attn_impl=.
 
 Usage
-    from model import GPT, GPTConfig, document_ids
-    cfg = GPTConfig.from_preset("cpu-demo", vocab_size=50304)
+    from model import GPT, GPTConfig, document_ids, load_model
+    cfg = GPTConfig.from_preset("cpu-4x256", vocab_size=50304)
     model = GPT(cfg)
     logits, loss = model(idx, targets, doc_ids=document_ids(idx, bos_id=50256), mask_kind="document")
     out = model.generate(bos_prompt, max_new_tokens=256, temperature=1.0, top_k=None)
 
-Reads and writes no files: checkpointing is train.py's job (save model.state_dict() and
-dataclasses.asdict(cfg); rebuild with GPT(GPTConfig(**d))).
+    model, ckpt = load_model("out/runs/real/ckpt.pt")   # a checkpoint written by train.py
+
+Reads checkpoints (load_model); writing them is train.py's job.
 """
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -93,16 +95,16 @@ class GPTConfig:
 LLAMA3_VOCAB = 128256
 GPT2_VOCAB_PADDED = 50304  # GPT-2's 50,257 tokens padded up to a multiple of 64
 
-# The paper's shapes (DESIGN.md): head dim = width / heads, SwiGLU hidden = 3.5 x width.
+# The paper's shapes: head dim = width / heads, SwiGLU hidden = 3.5 x width.
 # Parameter counts with the 128,256 vocabulary: 154,147,328 / 299,649,792 / 602,457,088 / 1,540,732,416.
 PRESETS = {
     "150M": dict(vocab_size=LLAMA3_VOCAB, n_layer=6, n_head=8, n_kv_head=8, n_embd=512, mlp_hidden=1792, block_size=4096),
     "300M": dict(vocab_size=LLAMA3_VOCAB, n_layer=12, n_head=12, n_kv_head=12, n_embd=768, mlp_hidden=2688, block_size=4096),
     "600M": dict(vocab_size=LLAMA3_VOCAB, n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, mlp_hidden=3584, block_size=4096),
     "1.5B": dict(vocab_size=LLAMA3_VOCAB, n_layer=36, n_head=16, n_kv_head=8, n_embd=1536, mlp_hidden=5376, block_size=4096),
-    # small shapes for CPU runs and tests (SwiGLU hidden ~ 8/3 x width, rounded to a multiple of 16)
-    "cpu-tiny": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, mlp_hidden=176, block_size=256),
-    "cpu-demo": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, mlp_hidden=688, block_size=512),
+    # small shapes for CPU runs and tests, named layers x width (SwiGLU hidden ~ 8/3 x width, a multiple of 16)
+    "cpu-2x64": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, mlp_hidden=176, block_size=256),
+    "cpu-4x256": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, mlp_hidden=688, block_size=512),
 }
 
 # -----------------------------------------------------------------------------
@@ -381,3 +383,17 @@ class GPT(nn.Module):
                 new = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, new], dim=1)
         return idx
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, the checkpoint dict) from a checkpoint written by train.py. Loaded with
+    weights_only=True: a checkpoint holds tensors and plain values, never code to run."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:   # a truncated file, another program's pickle, a state dict that does not fit
+        raise ValueError(f"{path}: not a nanosynth checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    return model.to(device).eval(), ckpt

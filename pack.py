@@ -10,9 +10,9 @@ pack.py: tokenize real and synthetic documents and pack them into one token file
 
 Reads:  real documents, JSONL {"id", "text", ...}; synthetic records written by generate.py,
         JSONL {"id", "source_id", "kind", "index", "text", "finish_reason", ...} (+ "cut_char" for latent).
-Writes: OUT.bin   header (magic, version, dtype, token count, vocab size, BOS id) + uint16/uint32 tokens
-        OUT.idx   header + one record per document: start offset, source-group id, kind
-        OUT.json  the pack's settings and summary (documents and tokens per kind, ...)
+Writes: a token file (format in formats.py): OUT.bin (uint16/uint32 tokens), OUT.idx (one record
+        per document: start offset, source-group id, kind), OUT.json (the pack's settings and
+        summary: documents and tokens per kind, ...).
 
 Every document starts with the BOS token (<|endoftext|> for GPT-2). Documents are joined into one
 stream; train.py cuts it into fixed windows, so a megadoc longer than the context continues in the
@@ -36,7 +36,6 @@ import argparse
 import array
 import hashlib
 import itertools
-import json
 import os
 import sys
 import time
@@ -45,168 +44,15 @@ from collections import Counter
 
 import numpy as np
 
+from formats import DataError, KINDS, TokenWriter, file_paths, read_jsonl, require, token_dtype
 from tokenizer import load_tokenizer
 
 
-# -----------------------------------------------------------------------------
-# token files
-
-TOKEN_MAGIC, INDEX_MAGIC, FORMAT_VERSION = b"NSYNTOK1", b"NSYNIDX1", 1
-HEADER_BYTES = 64
-KINDS = ("real", "rephrase", "latent", "self-distill")  # the kind codes stored in the index
-INDEX_RECORD = np.dtype([("start", "<i8"), ("group", "<i8"), ("kind", "u1")])
-THOUGHT_OPEN, THOUGHT_CLOSE = "\n\n<thought>\n", "\n</thought>\n\n"
-
-
-class DataError(Exception):
-    """Bad input: the message names the file (and line) and what is wrong with it."""
-
-
-def token_dtype(vocab_size):
-    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
-
-
-def file_paths(prefix):
-    prefix = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
-    return prefix + ".bin", prefix + ".idx", prefix + ".json"
-
-
-class TokenFile:
-    """A packed token file opened for reading: tokens (memory-mapped) and its document index.
-
-    Anything that does not add up (magic, version, dtype, size against the header's count,
-    document starts, BOS at every start) is refused with the reason."""
-
-    def __init__(self, prefix):
-        self.bin_path, self.idx_path, self.json_path = file_paths(prefix)
-        for p in (self.bin_path, self.idx_path):
-            if not os.path.exists(p):
-                raise DataError(f"{p}: no such token file (run pack.py first)")
-        with open(self.bin_path, "rb") as f:
-            header = f.read(HEADER_BYTES)
-        if len(header) < HEADER_BYTES or header[:8] != TOKEN_MAGIC:
-            raise DataError(f"{self.bin_path}: not a nanosynth token file (bad magic or short header)")
-        version, itemsize, n_tokens, self.vocab_size, self.bos_id = np.frombuffer(
-            header, dtype="<u8", count=5, offset=8).tolist()
-        if version != FORMAT_VERSION:
-            raise DataError(f"{self.bin_path}: format version {version}, this pack.py reads {FORMAT_VERSION}")
-        dtype = token_dtype(self.vocab_size)
-        if itemsize != dtype.itemsize:
-            raise DataError(f"{self.bin_path}: {itemsize}-byte tokens for vocabulary {self.vocab_size}")
-        expected = HEADER_BYTES + n_tokens * itemsize
-        actual = os.path.getsize(self.bin_path)
-        if actual != expected:
-            raise DataError(f"{self.bin_path}: truncated or corrupt: header says {n_tokens} tokens "
-                            f"({expected} bytes), file has {actual} bytes")
-        self.tokens = np.memmap(self.bin_path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
-
-        with open(self.idx_path, "rb") as f:
-            header = f.read(HEADER_BYTES)
-            if len(header) < HEADER_BYTES or header[:8] != INDEX_MAGIC:
-                raise DataError(f"{self.idx_path}: not a nanosynth index file (bad magic or short header)")
-            version, n_docs, idx_tokens = np.frombuffer(header, dtype="<u8", count=3, offset=8).tolist()
-            body = f.read()
-            records = np.frombuffer(body[: len(body) - len(body) % INDEX_RECORD.itemsize], dtype=INDEX_RECORD)
-        if version != FORMAT_VERSION or idx_tokens != n_tokens:
-            raise DataError(f"{self.idx_path}: does not belong to {self.bin_path} "
-                            f"(version {version}, {idx_tokens} tokens vs {n_tokens})")
-        if len(records) != n_docs or len(body) % INDEX_RECORD.itemsize:
-            raise DataError(f"{self.idx_path}: truncated or corrupt: header says {n_docs} documents, has {len(records)}")
-        self.starts, self.groups, self.kinds = (records["start"].copy(), records["group"].copy(),
-                                                records["kind"].copy())
-        bad = (n_docs == 0 or self.starts[0] != 0 or np.any(np.diff(self.starts) <= 0)
-               or self.starts[-1] >= n_tokens or np.any(self.kinds >= len(KINDS)))
-        if bad or np.any(self.tokens[self.starts] != self.bos_id):
-            raise DataError(f"{self.idx_path}: document starts are corrupt (not increasing from 0, "
-                            f"out of range, or not on a BOS token)")
-        self.meta = {}
-        if os.path.exists(self.json_path):
-            with open(self.json_path) as f:
-                self.meta = json.load(f)
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def group_ids(self, start, length):
-        """The source-group id of each token position in [start, start + length)."""
-        doc = np.searchsorted(self.starts, np.arange(start, start + length), side="right") - 1
-        return self.groups[doc]
-
-
-class TokenWriter:
-    """Appends documents to OUT.bin / OUT.idx through temporary files; close() renames them into
-    place, so a crash never leaves a half-written token file under the final name."""
-
-    def __init__(self, prefix, vocab_size, bos_id):
-        self.paths = file_paths(prefix)
-        self.vocab_size, self.bos_id, self.dtype = vocab_size, bos_id, token_dtype(vocab_size)
-        self.bos = np.array([bos_id], dtype=self.dtype)
-        self.bin = open(self.paths[0] + ".tmp", "wb")
-        self.idx = open(self.paths[1] + ".tmp", "wb")
-        self.bin.write(bytes(HEADER_BYTES))
-        self.idx.write(bytes(HEADER_BYTES))
-        self.n_tokens = self.n_docs = 0
-        self.pending, self.pending_docs = [], []
-
-    def add(self, kind, group, pieces):
-        """One document: BOS followed by the token arrays in `pieces`."""
-        self.pending_docs.append((self.n_tokens, group, kind))
-        self.pending.append(self.bos)
-        self.pending.extend(pieces)
-        self.n_tokens += 1 + sum(len(p) for p in pieces)
-        self.n_docs += 1
-        if len(self.pending) > 4096:
-            self.flush()
-
-    def flush(self):
-        if self.pending:
-            self.bin.write(np.concatenate(self.pending).astype(self.dtype, copy=False).tobytes())
-            self.idx.write(np.array(self.pending_docs, dtype=INDEX_RECORD).tobytes())
-            self.idx.flush()
-        self.pending, self.pending_docs = [], []
-
-    def close(self, meta):
-        self.flush()
-        self.bin.seek(0)
-        self.bin.write(TOKEN_MAGIC + np.array([FORMAT_VERSION, self.dtype.itemsize, self.n_tokens,
-                                               self.vocab_size, self.bos_id], dtype="<u8").tobytes())
-        self.idx.seek(0)
-        self.idx.write(INDEX_MAGIC + np.array([FORMAT_VERSION, self.n_docs, self.n_tokens], dtype="<u8").tobytes())
-        for f, path in ((self.bin, self.paths[0]), (self.idx, self.paths[1])):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(path + ".tmp", path)
-        with open(self.paths[2] + ".tmp", "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(self.paths[2] + ".tmp", self.paths[2])
+THOUGHT_OPEN, THOUGHT_CLOSE = "\n\n<thought>\n", "\n</thought>\n\n"   # around each latent thought
 
 
 # -----------------------------------------------------------------------------
 # reading documents
-
-def read_jsonl(path):
-    """Yield (line number, object) for each non-blank line; a bad line is an error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
-def require(obj, field, types, where):
-    value = obj.get(field)
-    if not isinstance(value, types) or isinstance(value, bool):
-        got = "missing" if field not in obj else f"{type(value).__name__} {value!r:.40}"
-        raise DataError(f"{where}: field {field!r} must be {'/'.join(t.__name__ for t in types)}, got {got}")
-    return value
-
 
 class SegmentStore:
     """Tokenized text segments in a temporary file on disk. Texts are tokenized in batches by
@@ -286,38 +132,12 @@ def first_duplicate(hashes, where):
     return where(a), where(b)
 
 
-def read_real(path, store, split_at=None, keep_ids=False):
-    """Real documents -> (ids if keep_ids, first segment of each document, its number of segments).
-    A document's pieces are consecutive segments; only in latent mode does split_at(id, text,
-    where) cut it (at characters), otherwise it is one piece. Group g is the g-th document."""
-    ids, first, count, hashes, lines = [], array.array("q"), array.array("q"), array.array("Q"), array.array("q")
-    for lineno, obj in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        doc_id = require(obj, "id", (str,), where)
-        text = require(obj, "text", (str,), where)
-        if not text.strip():
-            raise DataError(f"{where}: document {doc_id!r} has empty text")
-        if keep_ids:
-            ids.append(doc_id)
-        hashes.append(id_hash(doc_id))
-        lines.append(lineno)
-        cuts = [0] + (split_at(doc_id, text, where) if split_at else []) + [len(text)]
-        first.append(store.add(text[0:cuts[1]]))
-        for a, b in zip(cuts[1:], cuts[2:]):
-            store.add(text[a:b])
-        count.append(len(cuts) - 1)
-    dup = first_duplicate(hashes, lambda i: f"{path}:{lines[i]}")
-    if dup:
-        raise DataError(f"duplicate document id: {dup[1]} repeats the id of {dup[0]}")
-    if not lines:
-        raise DataError(f"{path}: no documents")
-    return ids, np.frombuffer(first, dtype=np.int64), np.frombuffer(count, dtype=np.int64)
-
-
-def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
-    """Synthetic records of `kind` with index < G whose source is known -> arrays
-    (source, index, segment, cut_char). Everything not used is counted in `counts`."""
-    source, index, segment, cut = (array.array("q") for _ in range(4))
+def read_synthetic(paths, kind, G, keep_truncated, store, counts):
+    """Synthetic records of `kind` with index < G -> a dict of arrays over the usable records:
+    "source" (hash of source_id), "index", "segment", "cut" (cut_char; -1 unless latent) and
+    "where" (file and line numbers, for messages). Everything not used is counted in `counts`."""
+    cols = {name: array.array("q") for name in ("index", "segment", "cut", "file", "line")}
+    source = array.array("Q")
     hashes, files, lines = array.array("Q"), array.array("q"), array.array("q")   # two hashes per record
     for file_no, path in enumerate(paths):
         for lineno, obj in read_jsonl(path):
@@ -339,10 +159,6 @@ def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
             if rec_kind != kind:
                 counts[f"records of another kind ({rec_kind}), not used"] += 1
                 continue
-            if source_id not in source_index:
-                counts["records whose source is not among the real documents, not used"] += 1
-                counts.setdefault("first unknown source", f"{where}: source_id {source_id!r}")
-                continue
             if rec_index >= G:
                 counts[f"records with index >= G = {G}, not used"] += 1
                 continue
@@ -352,16 +168,50 @@ def read_synthetic(paths, kind, G, source_index, keep_truncated, store, counts):
             if not text.strip():
                 counts["empty generations, excluded"] += 1
                 continue
-            cut.append(require(obj, "cut_char", (int,), where) if kind == "latent" else -1)
-            source.append(source_index[source_id])
-            index.append(rec_index)
-            segment.append(store.add(text))
+            cols["cut"].append(require(obj, "cut_char", (int,), where) if kind == "latent" else -1)
+            source.append(id_hash(source_id))
+            cols["index"].append(rec_index)
+            cols["segment"].append(store.add(text))
+            cols["file"].append(file_no)
+            cols["line"].append(lineno)
     dup = first_duplicate(hashes, lambda i: f"{paths[files[i // 2]]}:{lines[i // 2]}")
     if dup:
         raise DataError(f"duplicate synthetic record: {dup[1]} repeats the id or the "
                         f"(source_id, kind, index) of {dup[0]}")
-    as_np = lambda a: np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
-    return as_np(source), as_np(index), as_np(segment), as_np(cut)
+    as_np = lambda a, dtype=np.int64: np.frombuffer(a, dtype=dtype) if len(a) else np.zeros(0, dtype)
+    return {"source": as_np(source, np.uint64), **{k: as_np(v) for k, v in cols.items()}}
+
+
+def read_real(path, store, cuts_of=None):
+    """Real documents -> (hash of each id, first segment of each document, its number of
+    segments). A document is one segment, except in latent mode, where cuts_of(id hash) gives
+    the character offsets its thoughts cut it at and each piece is a segment. Group g is the g-th
+    document."""
+    hashes, first, count, lines = array.array("Q"), array.array("q"), array.array("q"), array.array("q")
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        doc_id = require(obj, "id", (str,), where)
+        text = require(obj, "text", (str,), where)
+        if not text.strip():
+            raise DataError(f"{where}: document {doc_id!r} has empty text")
+        hashes.append(id_hash(doc_id))
+        lines.append(lineno)
+        cuts = cuts_of(hashes[-1]) if cuts_of else []
+        if cuts and not (0 < cuts[0] and cuts[-1] < len(text)):
+            raise DataError(f"{where}: a latent thought of {doc_id!r} cuts at {cuts}, outside "
+                            f"the document's {len(text)} characters")
+        bounds = [0] + cuts + [len(text)]
+        first.append(store.add(text[0:bounds[1]]))
+        for a, b in zip(bounds[1:], bounds[2:]):
+            store.add(text[a:b])
+        count.append(len(bounds) - 1)
+    dup = first_duplicate(hashes, lambda i: f"{path}:{lines[i]}")
+    if dup:
+        raise DataError(f"duplicate document id: {dup[1]} repeats the id of {dup[0]}")
+    if not lines:
+        raise DataError(f"{path}: no documents")
+    return (np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(first, dtype=np.int64),
+            np.frombuffer(count, dtype=np.int64))
 
 
 # -----------------------------------------------------------------------------
@@ -429,75 +279,68 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
     store = SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads)
     counts = Counter()
     try:
-        if mode == "latent":
-            # the cut points come with the thoughts, so read the real ids first, then the thoughts,
-            # then tokenize each real document in pieces
-            source_index = {doc_id: i for i, (_, doc_id) in enumerate(
-                (n, require(o, "id", (str,), f"{real_path}:{n}")) for n, o in read_jsonl(real_path))}
-            syn_source, syn_index, syn_segment, syn_cut = read_synthetic(
-                synthetic, kind, G, source_index, keep_truncated, store, counts)
-            order = np.lexsort((syn_cut, syn_source))
-            starts = np.searchsorted(syn_source[order], np.arange(len(source_index) + 1))
+        # synthetic records first: in latent mode their cut points decide how the real documents
+        # are tokenized (piece by piece), so the real file is read once, after them
+        syn = read_synthetic(synthetic if mode != "real" else [], kind, G, keep_truncated, store, counts)
+        by_source = np.lexsort((syn["cut"], syn["source"]))   # each source's records together, by cut
+        sorted_source = syn["source"][by_source]
 
-            def split_at(doc_id, text, where):
-                cuts = syn_cut[order[starts[source_index[doc_id]]: starts[source_index[doc_id] + 1]]].tolist()
-                if cuts and not (0 < cuts[0] and cuts[-1] < len(text)):
-                    raise DataError(f"{where}: a latent thought of {doc_id!r} cuts at {cuts}, outside "
-                                    f"the document's {len(text)} characters")
-                return cuts
-            _, first, count = read_real(real_path, store, split_at)
-            open_seg, close_seg = store.add(THOUGHT_OPEN), store.add(THOUGHT_CLOSE)
-        else:
-            real_ids, first, count = read_real(real_path, store, keep_ids=mode != "real")
-            source_index = {doc_id: i for i, doc_id in enumerate(real_ids)}
-            syn_source = syn_index = syn_segment = syn_cut = np.zeros(0, np.int64)
-            if mode != "real":
-                syn_source, syn_index, syn_segment, syn_cut = read_synthetic(
-                    synthetic, kind, G, source_index, keep_truncated, store, counts)
-        rng = np.random.default_rng(seed)
+        def records_of(source_hash):
+            """The records of one source, by cut (for thoughts: their order in the document)."""
+            lo, hi = (np.searchsorted(sorted_source, source_hash, side) for side in ("left", "right"))
+            return by_source[lo:hi]
+        cuts_of = (lambda h: syn["cut"][records_of(h)].tolist()) if mode == "latent" else None
+        real_hash, first, count = read_real(real_path, store, cuts_of)
         n_real = len(first)
-        what, item, group = document_order(mode, n_real, syn_source, syn_index, real_position, rng)
-        thoughts = np.lexsort((syn_cut, syn_source))   # latent: each source's thoughts, by cut
-        thoughts_from = np.searchsorted(syn_source[thoughts], np.arange(n_real + 1))
 
-        writer = TokenWriter(out, enc.n_vocab, bos_id)
+        # each record's source group: the position of its source_id among the real documents
+        real_order = np.argsort(real_hash)
+        pos = np.minimum(np.searchsorted(real_hash[real_order], syn["source"]), n_real - 1)
+        known = real_hash[real_order[pos]] == syn["source"]
+        if not known.all():
+            counts["records whose source is not among the real documents, not used"] += int((~known).sum())
+            u = int(np.argmin(known))
+            counts["first unknown source"] = f"{synthetic[syn['file'][u]]}:{syn['line'][u]}"
+        used = np.nonzero(known)[0]                  # the records that go into the stream
+        syn_source = real_order[pos][used]
+
+        rng = np.random.default_rng(seed)
+        what, item, group = document_order(mode, n_real, syn_source, syn["index"][used], real_position, rng)
         kind_code = {REAL_DOC: 0, SYN_DOC: KINDS.index(kind), LATENT_DOC: KINDS.index("latent")}
-        for w, x, g in zip(what.tolist(), item.tolist(), group.tolist()):
-            if w == SYN_DOC:
-                segs = [syn_segment[x]]
-            else:
-                segs = list(range(first[x], first[x] + count[x]))
-            if w == LATENT_DOC:   # piece 0, thought 0, piece 1, ..., thought G-1, piece G
-                ts = thoughts[thoughts_from[x]: thoughts_from[x + 1]]
-                segs = segs[:1] + [seg for t, piece in zip(ts, segs[1:])
-                                   for seg in (open_seg, syn_segment[t], close_seg, piece)]
-            writer.add(kind_code[w], g, [store.get(seg) for seg in segs])
-
-        with_generations = len(np.unique(syn_source))
-        writer.flush()
-        index = np.fromfile(writer.paths[1] + ".tmp", dtype=INDEX_RECORD, offset=HEADER_BYTES)
-        n_groups = len(np.unique(index["group"]))
-        lengths = np.diff(np.append(index["start"], writer.n_tokens))
-        per_kind = {k: [int(np.sum(index["kind"] == c)), int(lengths[index["kind"] == c].sum())]
-                    for c, k in enumerate(KINDS)}
-        summary = {
-            "mode": mode, "G": G, "real_position": real_position if mode in ("sorted", "shuffled") else None,
-            "synthetic_kind": kind if mode != "real" else None, "seed": seed, "tokenizer": tokenizer,
-            "vocab_size": enc.n_vocab, "bos_id": bos_id, "real": real_path, "synthetic": list(synthetic),
-            "documents": writer.n_docs, "tokens": writer.n_tokens,
-            "per_kind": {k: {"documents": d, "tokens": t} for k, (d, t) in per_kind.items() if d},
-            "sources": n_real,
-            "sources with generations": with_generations,
-            "sources with fewer than G generations": int(n_real - np.sum(
-                np.bincount(syn_source, minlength=n_real) >= G)) if mode != "real" else None,
-            "mean megadoc tokens": writer.n_tokens / max(n_groups, 1),
-            "context": context,
-            "windows with 2+ documents of one source": windows_with_repeated_source(
-                index["start"], index["group"], writer.n_tokens, context),
-            "records": dict(counts),
-            "seconds": round(time.time() - t0, 2),
-        }
-        writer.close(summary)
+        open_seg, close_seg = (store.add(THOUGHT_OPEN), store.add(THOUGHT_CLOSE)) if mode == "latent" else (-1, -1)
+        with TokenWriter(out, enc.n_vocab, bos_id) as writer:
+            for w, x, g in zip(what.tolist(), item.tolist(), group.tolist()):
+                if w == SYN_DOC:
+                    segs = [syn["segment"][used[x]]]
+                else:
+                    segs = list(range(first[x], first[x] + count[x]))
+                if w == LATENT_DOC:   # piece 0, thought 0, piece 1, ..., thought G-1, piece G
+                    thoughts = syn["segment"][records_of(real_hash[x])]
+                    segs = segs[:1] + [seg for t, piece in zip(thoughts, segs[1:])
+                                       for seg in (open_seg, t, close_seg, piece)]
+                writer.add(kind_code[w], g, [store.get(seg) for seg in segs])
+            index = writer.index()
+            n_groups = len(np.unique(index["group"]))
+            lengths = np.diff(np.append(index["start"], writer.n_tokens))
+            per_kind = {k: [int(np.sum(index["kind"] == c)), int(lengths[index["kind"] == c].sum())]
+                        for c, k in enumerate(KINDS)}
+            writer.meta = summary = {
+                "mode": mode, "G": G, "real_position": real_position if mode in ("sorted", "shuffled") else None,
+                "synthetic_kind": kind if mode != "real" else None, "seed": seed, "tokenizer": tokenizer,
+                "vocab_size": enc.n_vocab, "bos_id": bos_id, "real": real_path, "synthetic": list(synthetic),
+                "documents": writer.n_docs, "tokens": writer.n_tokens,
+                "per_kind": {k: {"documents": d, "tokens": t} for k, (d, t) in per_kind.items() if d},
+                "sources": n_real,
+                "sources with generations": len(np.unique(syn_source)),
+                "sources with fewer than G generations": int(n_real - np.sum(
+                    np.bincount(syn_source, minlength=n_real) >= G)) if mode != "real" else None,
+                "mean megadoc tokens": writer.n_tokens / max(n_groups, 1),
+                "context": context,
+                "windows with 2+ documents of one source": windows_with_repeated_source(
+                    index["start"], index["group"], writer.n_tokens, context),
+                "records": dict(counts),
+                "seconds": round(time.time() - t0, 2),
+            }
     finally:
         store.close()
     print_summary(out, summary, log)

@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from tokenizer import load_tokenizer
-from train import load_model
+from model import load_model
 
 CHUNK = 64  # tokens sampled per model.generate call; between calls we stop if every choice has ended
 
@@ -105,25 +105,38 @@ def complete(srv, req):
             "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
+class JSONHandler(BaseHTTPRequestHandler):
+    """The HTTP side of an OpenAI-style server: JSON request bodies in, JSON replies out, HTTP/1.1
+    keep-alive as real servers do. This server's Handler, sample_data/replay.py and the test and
+    benchmark servers are all built on it. Requests are logged unless the server's `quiet` is set."""
+    protocol_version = "HTTP/1.1"   # keep-alive: clients reuse their connections
     disable_nagle_algorithm = True  # else headers and body go out in two packets: +40 ms (delayed ACK)
 
     def log_message(self, fmt, *args):
-        if not self.server.quiet:
+        if not getattr(self.server, "quiet", True):
             super().log_message(fmt, *args)
 
-    def reply(self, code, obj):
-        body = json.dumps(obj).encode()
+    def read_json(self):
+        """The request body parsed as JSON (ValueError if it is not JSON)."""
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+    def reply(self, code, obj=None, raw=None, headers=()):
+        """Send `obj` as JSON (or the bytes `raw` as they are) with status `code`."""
+        body = raw if raw is not None else json.dumps(obj).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
 
     def error(self, code, message):
+        """An OpenAI-style error body."""
         self.reply(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
 
+
+class Handler(JSONHandler):
     def do_GET(self):
         if self.path.rstrip("/") == "/v1/models":
             return self.reply(200, {"object": "list", "data": [{"id": self.server.name, "object": "model",
@@ -131,12 +144,15 @@ class Handler(BaseHTTPRequestHandler):
         self.error(404, f"no route GET {self.path}")
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = self.read_json()
+        except ValueError as e:
+            return self.error(400, f"bad request: {e}")
         if self.path.rstrip("/") != "/v1/completions":
             return self.error(404, f"no route POST {self.path} (this server has /v1/completions only)")
         try:
-            self.reply(200, complete(self.server, json.loads(body)))
-        except ValueError as e:  # a body that is not JSON
+            self.reply(200, complete(self.server, body))
+        except ValueError as e:  # a value the sampler refuses
             self.error(400, f"bad request: {e}")
         except BadRequest as e:
             self.error(e.code, str(e))

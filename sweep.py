@@ -61,7 +61,7 @@ def run_all(runs, jobs=1, threads=None, log=print):
         if code != 0:
             raise RuntimeError(f"train.py failed for {out_dir} (exit {code}); see {out_dir}/train.log")
         s = finished(out_dir)
-        log(f"  done {out_dir}: val loss {s['val_loss']:.4f} ({s['seconds']:.0f}s; {time.time() - t0:.0f}s elapsed)")
+        log(f"  done {out_dir}: val loss {s['val_loss']:.4f} ({s['train_seconds']:.0f}s training; {time.time() - t0:.0f}s elapsed)")
         return s
 
     with ThreadPoolExecutor(jobs) as pool:

@@ -12,7 +12,7 @@ Reads:  token files written by pack.py (OUT.bin/.idx/.json): --real (training), 
 Writes: OUT_DIR/ckpt.pt (atomically; resumed from automatically), OUT_DIR/log.jsonl (one JSON
         object per log line and per evaluation), OUT_DIR/summary.json (config + final metrics).
 
-The semantics (DESIGN.md):
+The semantics:
   * The real token file is cut into fixed windows of block_size + 1 tokens (no padding; a document
     longer than a window continues in the next). `epochs` counts passes over these real windows;
     inside each pass they are drawn without replacement, in an order reshuffled every pass from
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from evaluate import evaluate_model
+from formats import DataError, TokenFile, atomic_open
 from model import GPT, GPTConfig, MASK_KINDS, PRESETS, document_ids
-from pack import DataError, TokenFile
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TrainConfig:
     epochs: float = 1.0                # passes over the real windows
     data_seed: int = 0
     # model
-    model: str = "cpu-demo"            # a preset of model.py; the fields below override it when > 0
+    model: str = "cpu-4x256"            # a preset of model.py; the fields below override it when > 0
     n_layer: int = 0
     n_head: int = 0
     n_kv_head: int = 0
@@ -133,13 +134,17 @@ class Windows:
             out.append(int(cache[epoch][pos]))
         return out
 
-    def batch(self, windows, device):
-        """Inputs, targets and per-token group ids of the given windows."""
-        starts = [w * self.T for w in windows]
-        tokens = np.stack([self.tf.tokens[s: s + self.T + 1] for s in starts]).astype(np.int64)
-        groups = np.stack([self.tf.group_ids(s, self.T) for s in starts])
-        as_tensor = lambda a: torch.from_numpy(a).to(device, non_blocking=True)
-        return as_tensor(tokens[:, :-1]), as_tensor(tokens[:, 1:]), as_tensor(groups)
+    def window(self, w):
+        """Tokens (block_size + 1) and per-token source-group ids (block_size) of window w."""
+        return self.tf.tokens[w * self.T: (w + 1) * self.T + 1], self.tf.group_ids(w * self.T, self.T)
+
+
+def global_batch(step, real, syn, n_real, n_syn):
+    """The windows of one step's global batch, as (stream, window number) pairs: n_syn synthetic
+    sequences, then n_real real ones. Step s takes sequences s x n ... s x n + n - 1 of each stream,
+    so the data order is a pure function of (data_seed, step) and a resumed run sees the same batches."""
+    return ([(syn, w) for w in syn.pick(step * n_syn, n_syn)] if n_syn else []) + \
+        [(real, w) for w in real.pick(step * n_real, n_real)]
 
 
 def batch_split(cfg, world_size):
@@ -156,11 +161,6 @@ def total_steps(n_real_windows, epochs, n_real_per_batch):
     """steps_per_real_epoch x epochs / (1 - m), as a whole number of steps that never repeats a
     real window inside a pass: (real windows x epochs) / real sequences per batch, rounded down."""
     return int(n_real_windows * epochs) // n_real_per_batch
-
-
-def step_sequences(step, n_real, n_syn):
-    """Stream positions of one global batch: its real and synthetic sequence counters."""
-    return (step * n_real, n_real), (step * n_syn, n_syn)
 
 
 def lr_at(step, steps, cfg):
@@ -184,97 +184,15 @@ def param_groups(model, cfg):
 
 
 # -----------------------------------------------------------------------------
-# evaluation
-
-@torch.no_grad()
-def per_token_losses(model, tokens, groups, cfg, bos_id, device, ctx):
-    """Per-token losses of (B, T + 1) token rows (targets of -1 are padding)."""
-    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
-    with ctx:
-        _, loss = model(x, y, doc_ids=document_ids(x, bos_id), group_ids=groups.to(device),
-                        mask_kind=cfg.mask, reduction="none")
-    return loss.float().cpu()
-
-
-def eval_batches(tf, T, batch_size):
-    """Every window of a token file once, in order, the short tail too, as (B, T + 1) token rows
-    (-1 pads the tail: no target there) and their (B, T) group ids."""
-    n = len(tf)
-    starts = list(range(0, n - 1, T))
-    for i in range(0, len(starts), batch_size):
-        rows = np.full((len(starts[i: i + batch_size]), T + 1), -1, dtype=np.int64)
-        groups = np.full((len(rows), T), -1, dtype=np.int64)
-        for r, s in enumerate(starts[i: i + batch_size]):
-            chunk = tf.tokens[s: s + T + 1]
-            rows[r, : len(chunk)] = chunk
-            groups[r, : len(chunk) - 1] = tf.group_ids(s, len(chunk) - 1)
-        tokens = torch.from_numpy(rows)
-        valid = tokens[:, 1:] >= 0
-        tokens[:, :-1].clamp_(min=0)   # padded inputs: any id will do, their targets are -1
-        yield tokens, torch.from_numpy(groups), valid
-
-
-def evaluate_stream(model, tf, cfg, bos_id, device, ctx):
-    """Mean loss (nats) over every token of a token file."""
-    total, count = 0.0, 0
-    for tokens, groups, valid in eval_batches(tf, cfg.block_size, cfg.eval_batch_size):
-        loss = per_token_losses(model, tokens, groups, cfg, bos_id, device, ctx)
-        total += loss[valid].double().sum().item()
-        count += int(valid.sum())
-    return total / count
-
-
-def position_buckets(model, tf, cfg, bos_id, device, ctx):
-    """Mean loss by position inside long documents: each document's first block_size tokens,
-    aligned to its start, bucketed by powers of two (position 1-1, 2-3, 4-7, ...)."""
-    T = cfg.block_size
-    ends = list(tf.starts[1:]) + [len(tf)]
-    rows = [np.asarray(tf.tokens[s: s + T + 1], dtype=np.int64) for s, e in zip(tf.starts, ends) if e - s > T]
-    if not rows:
-        return {}
-    sums, counts = torch.zeros(T, dtype=torch.float64), 0
-    for i in range(0, len(rows), cfg.eval_batch_size):
-        tokens = torch.from_numpy(np.stack(rows[i: i + cfg.eval_batch_size]))
-        groups = torch.zeros(tokens.size(0), T, dtype=torch.long)
-        sums += per_token_losses(model, tokens, groups, cfg, bos_id, device, ctx).double().sum(0)
-        counts += tokens.size(0)
-    by_position = sums / counts     # position p predicts token p + 1 of the document
-    buckets, lo = {}, 1
-    while lo < T:
-        hi = min(2 * lo, T)
-        buckets[f"{lo}-{hi - 1}"] = by_position[lo:hi].mean().item()
-        lo = hi
-    return buckets
-
-
-def evaluate(model, data, cfg, bos_id, device, ctx):
-    model.eval()
-    metrics = {"val_loss": evaluate_stream(model, data["val"], cfg, bos_id, device, ctx)}
-    if "long" in data:
-        metrics["long_loss"] = evaluate_stream(model, data["long"], cfg, bos_id, device, ctx)
-        metrics["long_loss_by_position"] = position_buckets(model, data["long"], cfg, bos_id, device, ctx)
-    model.train()
-    return metrics
-
-
-# -----------------------------------------------------------------------------
 # checkpoints
 
 def save_checkpoint(path, model, optimizer, step, cfg, model_cfg, tokenizer, metrics):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Written atomically: a crash never leaves a half-written checkpoint under the final name."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
              "tokenizer": tokenizer, "metrics": metrics, "torch_rng": torch.get_rng_state()}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_model(path, device="cpu"):
-    """A trained model from a checkpoint (for evaluation, sampling, serve.py)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    with atomic_open(path) as f:
+        torch.save(state, f)
 
 
 # -----------------------------------------------------------------------------
@@ -340,6 +258,17 @@ def main(argv=None):
     if steps < 1:
         sys.exit(f"error: {real.n} real windows x {cfg.epochs} epochs make no batch of {n_real} real sequences")
 
+    def get_batch(step, micro):
+        """Inputs, targets and source-group ids of one micro-batch of this process: micro-step
+        `micro` of process `rank` takes the slice of the global batch that starts at
+        (micro x world + rank) x batch_size."""
+        lo = (micro * world + rank) * cfg.batch_size
+        rows, groups = zip(*[stream.window(w) for stream, w in
+                             global_batch(step, real, syn, n_real, n_syn)[lo: lo + cfg.batch_size]])
+        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
+        x, y, g = tokens[:, :-1], tokens[:, 1:], torch.from_numpy(np.stack(groups))
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), g.to(device, non_blocking=True)
+
     torch.manual_seed(cfg.init_seed)
     model = GPT(model_cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -371,59 +300,43 @@ def main(argv=None):
             log_file.flush()
 
     tokens_per_step = (n_real + n_syn) * cfg.block_size
-    # seconds spent per part of a training step (evaluation and checkpoints are not counted)
-    timing = dict.fromkeys(("data", "forward_backward", "optimizer", "step_total"), 0.0)
-    t_start, metrics = time.time(), {}
-    start_step = step
+    metrics, train_seconds, start_step = {}, 0.0, step   # train_seconds: evaluation and checkpoints excluded
     while step < steps:
-        t_step = time.perf_counter()
+        t0 = time.time()
         lr = lr_at(step, steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        (r0, rn), (s0, sn) = step_sequences(step, n_real, n_syn)
-        # one global batch: synthetic rows then real rows; each (micro-step, rank) takes its slice
-        windows = [("syn", w) for w in (syn.pick(s0, sn) if sn else [])] + [("real", w) for w in real.pick(r0, rn)]
+
+        # forward and backward over the micro-batches of this step, then one optimizer step
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            lo = (micro * world + rank) * cfg.batch_size
-            part = windows[lo: lo + cfg.batch_size]
-            t0 = time.perf_counter()
-            batches = [(src, [w for s, w in part if s == src]) for src in ("syn", "real")]
-            xs, ys, gs = zip(*[(syn if src == "syn" else real).batch(ws, device) for src, ws in batches if ws])
-            x, y, g = torch.cat(xs), torch.cat(ys), torch.cat(gs)
-            t1 = time.perf_counter()
+            x, y, groups = get_batch(step, micro)
             sync = nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else train_model.no_sync()
             with sync, ctx:
-                _, loss = train_model(x, y, doc_ids=document_ids(x, bos_id), group_ids=g, mask_kind=cfg.mask)
+                _, loss = train_model(x, y, doc_ids=document_ids(x, bos_id), group_ids=groups, mask_kind=cfg.mask)
                 (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum   # .item() waits for the GPU: the timing is honest
-            timing["data"] += t1 - t0
-            timing["forward_backward"] += time.perf_counter() - t1
-        t0 = time.perf_counter()
+            loss_sum += loss.item() / cfg.grad_accum
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        timing["optimizer"] += time.perf_counter() - t0
         if ddp:   # the logged loss is the global batch's mean
             loss_t = torch.tensor(loss_sum, device=device)
             dist.all_reduce(loss_t)
             loss_sum = loss_t.item() / world
         step += 1
+        train_seconds += time.time() - t0   # loss.item() waited for the device: this time is honest
 
         if step % cfg.log_interval == 0 or step == steps:
-            done = step - start_step
-            tok_s = done * tokens_per_step / (timing["step_total"] + time.perf_counter() - t_step)
-            eta = (steps - step) * (time.time() - t_start) / done
+            tok_s = (step - start_step) * tokens_per_step / train_seconds
+            eta = (steps - step) * train_seconds / (step - start_step)
             log(f"step {step:>6}/{steps} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                 f"eta {eta / 60:.1f} min")
             record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s})
-        timing["step_total"] += time.perf_counter() - t_step
-        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == steps:
-            if master:
-                metrics = evaluate(model, data, cfg, bos_id, device, ctx)
-                log(f"eval step {step}: val loss {metrics['val_loss']:.4f}" +
-                    (f", long-document loss {metrics['long_loss']:.4f}" if "long_loss" in metrics else ""))
-                record({"step": step, **metrics})
+        if master and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == steps):
+            metrics = evaluate_model(model, data["val"], data.get("long"), cfg.mask, cfg.eval_batch_size, device, ctx)
+            log(f"eval step {step}: val loss {metrics['val_loss']:.4f}" +
+                (f", long-document loss {metrics['long_loss']:.4f}" if "long_loss" in metrics else ""))
+            record({"step": step, **metrics})
         if master and (step % cfg.ckpt_interval == 0 or step == steps or step == cfg.halt_at):
             save_checkpoint(ckpt_path, model, optimizer, step, cfg, model_cfg, tokenizer, metrics)
         if step == cfg.halt_at:
@@ -435,13 +348,10 @@ def main(argv=None):
                    "params": model.num_params(), "steps": steps, "real_windows": real.n,
                    "real_sequences_seen": steps * n_real, "synthetic_sequences_seen": steps * n_syn,
                    "real_tokens": len(data["real"]), "final_train_loss": loss_sum, **metrics,
-                   "seconds": time.time() - t_start,
-                   "tokens_per_s": (steps - start_step) * tokens_per_step / max(timing["step_total"], 1e-9),
-                   "step_time_shares": {k: v / max(timing["step_total"], 1e-9) for k, v in timing.items()
-                                        if k != "step_total"}}
-        with open(os.path.join(cfg.out_dir, "summary.json.tmp"), "w") as f:
+                   "train_seconds": train_seconds,
+                   "tokens_per_s": (steps - start_step) * tokens_per_step / max(train_seconds, 1e-9)}
+        with atomic_open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        os.replace(os.path.join(cfg.out_dir, "summary.json.tmp"), os.path.join(cfg.out_dir, "summary.json"))
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -18,31 +18,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from serve import JSONHandler  # noqa: E402
 
 
-class SlowHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as vLLM and friends do
-    disable_nagle_algorithm = True  # else headers and body go out in two packets: +40 ms (delayed ACK)
-
-    def log_message(self, *args):
-        pass
-
+class SlowHandler(JSONHandler):
     def do_POST(self):
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        req = self.read_json()
         time.sleep(self.server.latency)
         n = req.get("n", 1)
-        body = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": "A short article."},
-                                        "finish_reason": "stop"} for i in range(n)],
-                           "usage": {"prompt_tokens": 50, "completion_tokens": 4 * n}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(200, {"choices": [{"index": i, "message": {"role": "assistant", "content": "A short article."},
+                                      "finish_reason": "stop"} for i in range(n)],
+                         "usage": {"prompt_tokens": 50, "completion_tokens": 4 * n}})
 
 
 def serve(latency):

@@ -14,7 +14,6 @@ Prints a table; writes nothing outside the temporary folder.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile

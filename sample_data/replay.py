@@ -21,11 +21,12 @@ import os
 import re
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import generate  # noqa: E402
+from serve import JSONHandler  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 MODEL = "claude-written"   # see sample_data/README.md: who wrote the texts, and how
@@ -47,9 +48,9 @@ def read_blocks(pattern):
 def serve(kind, answers, documents, enc):
     by_seed = {generate.request_seed(0, sid, kind, i): (sid, i) for sid, i in answers}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JSONHandler):
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = self.read_json()
             sid, index = by_seed[body["seed"]]
             prompt = "".join(m["content"] for m in body["messages"])
             if documents[sid][:40] not in prompt and documents[sid][-40:] not in prompt:
@@ -59,15 +60,7 @@ def serve(kind, answers, documents, enc):
                                   "finish_reason": "stop"}],
                      "usage": {"prompt_tokens": len(enc.encode_ordinary(prompt)),
                                "completion_tokens": len(enc.encode_ordinary(text))}}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
+            self.reply(200, reply)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

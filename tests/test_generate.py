@@ -13,39 +13,24 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import generate  # noqa: E402
+from serve import JSONHandler  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 KEY = "sk-nanosynth-test-7Q4zX9-secret"
 FAULT = re.compile(r"\[\[(\w+)\]\]")  # a document asks for a fault with a marker like [[e500]]
 
 
-class FaultHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like real servers
-    disable_nagle_algorithm = True  # else headers and body go out in two packets: +40 ms (delayed ACK)
-
-    def log_message(self, *args):
-        pass
-
-    def reply(self, code, obj=None, raw=None, headers=()):
-        body = raw if raw is not None else json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
+class FaultHandler(JSONHandler):
     def do_POST(self):
         srv = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         chat = self.path.endswith("/chat/completions")
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         m = FAULT.search(prompt)

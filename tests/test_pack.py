@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pack
-from pack import DataError, TokenFile
+from formats import DataError, KINDS, TokenFile
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def documents(prefix):
     out = []
     for s, e, g, k in zip(tf.starts, ends, tf.groups, tf.kinds):
         assert tf.tokens[s] == BOS
-        out.append((pack.KINDS[k], int(g), ENC.decode(tf.tokens[s + 1:e].tolist())))
+        out.append((KINDS[k], int(g), ENC.decode(tf.tokens[s + 1:e].tolist())))
     return out
 
 

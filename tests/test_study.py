@@ -9,11 +9,10 @@ import pytest
 import evaluate
 import pack
 import sweep
-import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH = os.path.join(ROOT, "sample_data", "synthetic")
-TINY = ["--model", "cpu-tiny", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--mlp_hidden", "64",
+TINY = ["--model", "cpu-2x64", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--mlp_hidden", "64",
         "--block_size", "64", "--batch_size", "4", "--log_interval", "5", "--eval_batch_size", "8"]
 
 

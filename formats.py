@@ -1,0 +1,210 @@
+"""
+formats.py: the project's file formats, in one place: JSONL input read with file:line errors, the
+packed token files (OUT.bin / OUT.idx / OUT.json) and atomic writes. pack.py writes token files;
+train.py, evaluate.py and generate.py read what they need from here.
+
+    from formats import TokenFile, read_jsonl
+    tf = TokenFile("out/data/real")        # tokens (memory-mapped), document starts, groups, kinds
+    for lineno, obj in read_jsonl("sample_data/train.jsonl"): ...
+
+Token files (prefix OUT):
+  OUT.bin   64-byte header (magic, version, token width, token count, vocabulary size, BOS id), then
+            the tokens as little-endian uint16 (uint32 when the vocabulary exceeds 65,535 ids)
+  OUT.idx   64-byte header (magic, version, document count, token count), then one record per
+            document: start offset (int64), source-group id (int64), kind code (uint8, see KINDS)
+  OUT.json  the pack's settings and summary (informational: nothing needs it to read the tokens)
+Every document starts with the BOS token; the source-group id of a document is the index of its
+real source document (what the `megadoc` attention mask compares).
+"""
+import json
+import os
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+
+
+@contextmanager
+def atomic_open(path, mode="wb"):
+    """Write `path` through `path.tmp`: on success the data is flushed to disk and renamed over
+    `path` in one step; on any error or interrupt the temporary file is removed. Readers never
+    see a half-written file under the final name."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# JSONL input
+
+class DataError(Exception):
+    """Bad input: the message names the file (and line) and what is wrong with it."""
+
+
+def read_jsonl(path):
+    """Yield (line number, object) for each non-blank line; a bad line is an error naming it."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def require(obj, field, types, where):
+    value = obj.get(field)
+    if not isinstance(value, types) or isinstance(value, bool):
+        got = "missing" if field not in obj else f"{type(value).__name__} {value!r:.40}"
+        raise DataError(f"{where}: field {field!r} must be {'/'.join(t.__name__ for t in types)}, got {got}")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# token files
+
+TOKEN_MAGIC, INDEX_MAGIC, FORMAT_VERSION = b"NSYNTOK1", b"NSYNIDX1", 1
+HEADER_BYTES = 64
+KINDS = ("real", "rephrase", "latent", "self-distill")  # the kind codes stored in the index
+INDEX_RECORD = np.dtype([("start", "<i8"), ("group", "<i8"), ("kind", "u1")])
+
+
+def token_dtype(vocab_size):
+    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
+def file_paths(prefix):
+    prefix = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+    return prefix + ".bin", prefix + ".idx", prefix + ".json"
+
+
+class TokenFile:
+    """A packed token file opened for reading: tokens (memory-mapped) and its document index.
+
+    Anything that does not add up (magic, version, dtype, size against the header's count,
+    document starts, BOS at every start) is refused with the reason."""
+
+    def __init__(self, prefix):
+        self.bin_path, self.idx_path, self.json_path = file_paths(prefix)
+        for p in (self.bin_path, self.idx_path):
+            if not os.path.exists(p):
+                raise DataError(f"{p}: no such token file (run pack.py first)")
+        with open(self.bin_path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+        if len(header) < HEADER_BYTES or header[:8] != TOKEN_MAGIC:
+            raise DataError(f"{self.bin_path}: not a nanosynth token file (bad magic or short header)")
+        version, itemsize, n_tokens, self.vocab_size, self.bos_id = np.frombuffer(
+            header, dtype="<u8", count=5, offset=8).tolist()
+        if version != FORMAT_VERSION:
+            raise DataError(f"{self.bin_path}: format version {version}, this pack.py reads {FORMAT_VERSION}")
+        dtype = token_dtype(self.vocab_size)
+        if itemsize != dtype.itemsize:
+            raise DataError(f"{self.bin_path}: {itemsize}-byte tokens for vocabulary {self.vocab_size}")
+        expected = HEADER_BYTES + n_tokens * itemsize
+        actual = os.path.getsize(self.bin_path)
+        if actual != expected:
+            raise DataError(f"{self.bin_path}: truncated or corrupt: header says {n_tokens} tokens "
+                            f"({expected} bytes), file has {actual} bytes")
+        self.tokens = np.memmap(self.bin_path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+        with open(self.idx_path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+            if len(header) < HEADER_BYTES or header[:8] != INDEX_MAGIC:
+                raise DataError(f"{self.idx_path}: not a nanosynth index file (bad magic or short header)")
+            version, n_docs, idx_tokens = np.frombuffer(header, dtype="<u8", count=3, offset=8).tolist()
+            body = f.read()
+            records = np.frombuffer(body[: len(body) - len(body) % INDEX_RECORD.itemsize], dtype=INDEX_RECORD)
+        if version != FORMAT_VERSION or idx_tokens != n_tokens:
+            raise DataError(f"{self.idx_path}: does not belong to {self.bin_path} "
+                            f"(version {version}, {idx_tokens} tokens vs {n_tokens})")
+        if len(records) != n_docs or len(body) % INDEX_RECORD.itemsize:
+            raise DataError(f"{self.idx_path}: truncated or corrupt: header says {n_docs} documents, has {len(records)}")
+        self.starts, self.groups, self.kinds = (records["start"].copy(), records["group"].copy(),
+                                                records["kind"].copy())
+        bad = (n_docs == 0 or self.starts[0] != 0 or np.any(np.diff(self.starts) <= 0)
+               or self.starts[-1] >= n_tokens or np.any(self.kinds >= len(KINDS)))
+        if bad or np.any(self.tokens[self.starts] != self.bos_id):
+            raise DataError(f"{self.idx_path}: document starts are corrupt (not increasing from 0, "
+                            f"out of range, or not on a BOS token)")
+        self.meta = {}
+        if os.path.exists(self.json_path):
+            with open(self.json_path) as f:
+                self.meta = json.load(f)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def group_ids(self, start, length):
+        """The source-group id of each token position in [start, start + length)."""
+        doc = np.searchsorted(self.starts, np.arange(start, start + length), side="right") - 1
+        return self.groups[doc]
+
+
+class TokenWriter:
+    """Writes a token file document by document: `with TokenWriter(prefix, vocab_size, bos_id) as w:
+    w.add(...)`. OUT.bin and OUT.idx are written through atomic_open, so they appear under their
+    final names only when the block ends without an error; set `w.meta` inside the block to write
+    OUT.json as well."""
+
+    def __init__(self, prefix, vocab_size, bos_id):
+        self.paths = file_paths(prefix)
+        self.vocab_size, self.bos_id, self.dtype = vocab_size, bos_id, token_dtype(vocab_size)
+        self.bos = np.array([bos_id], dtype=self.dtype)
+        self.n_tokens = self.n_docs = 0
+        self.pending, self.pending_docs = [], []
+        self.meta = None
+
+    def __enter__(self):
+        self.files = ExitStack()
+        self.bin = self.files.enter_context(atomic_open(self.paths[0]))
+        self.idx = self.files.enter_context(atomic_open(self.paths[1]))
+        self.bin.write(bytes(HEADER_BYTES))
+        self.idx.write(bytes(HEADER_BYTES))
+        return self
+
+    def add(self, kind, group, pieces):
+        """One document: BOS followed by the token arrays in `pieces`."""
+        self.pending_docs.append((self.n_tokens, group, kind))
+        self.pending.append(self.bos)
+        self.pending.extend(pieces)
+        self.n_tokens += 1 + sum(len(p) for p in pieces)
+        self.n_docs += 1
+        if len(self.pending) > 4096:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            self.bin.write(np.concatenate(self.pending).astype(self.dtype, copy=False).tobytes())
+            self.idx.write(np.array(self.pending_docs, dtype=INDEX_RECORD).tobytes())
+            self.idx.flush()
+        self.pending, self.pending_docs = [], []
+
+    def index(self):
+        """The index records written so far (read back from the temporary file)."""
+        self.flush()
+        return np.fromfile(self.idx.name, dtype=INDEX_RECORD, offset=HEADER_BYTES)
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.flush()
+            self.bin.seek(0)
+            self.bin.write(TOKEN_MAGIC + np.array([FORMAT_VERSION, self.dtype.itemsize, self.n_tokens,
+                                                   self.vocab_size, self.bos_id], dtype="<u8").tobytes())
+            self.idx.seek(0)
+            self.idx.write(INDEX_MAGIC + np.array([FORMAT_VERSION, self.n_docs, self.n_tokens], dtype="<u8").tobytes())
+        self.files.__exit__(*exc)   # rename both into place, or remove both temporary files
+        if exc[0] is None and self.meta is not None:
+            with atomic_open(self.paths[2], "w") as f:
+                json.dump(self.meta, f, indent=1)
+        return False
