@@ -10,20 +10,42 @@ generations of one kind:
                 trained on the real data only (completions API, e.g. python serve.py)
 
 Run
-  python generate.py --input sample_data/train.jsonl --out synth/rephrase.jsonl \
-      --endpoint http://127.0.0.1:8000/v1 --model meta-llama/Llama-3.1-8B-Instruct \
+  python generate.py --input sample_data/train.jsonl --out_jsonl synth/rephrase.jsonl \\
+      --endpoint http://127.0.0.1:8000/v1 --model meta-llama/Llama-3.1-8B-Instruct \\
       --kind rephrase --G 4 --concurrency 64
+  python generate.py --input sample_data/train.jsonl --out_jsonl synth/self-distill.jsonl \\
+      --endpoint http://127.0.0.1:8011/v1 --model nanosynth --kind self-distill --max_new_tokens 180
   (repeat --endpoint to share the load between servers; --shard i/n to split a corpus between
-  machines; the API key is read from $OPENAI_API_KEY, or the variable named by --api-key-env)
+  machines; the API key is read from $OPENAI_API_KEY, or the variable named by --api_key_env)
 
-Reads   --input: JSONL, one {"id": str, "text": str, ...} per line.
-Writes  --out: JSONL, one line per generation, append-only:
+Reads   --input: JSONL, one {"id": str, "text": str, ...} per line (UTF-8, at least one document).
+Writes  --out_jsonl: JSONL, one line per generation, appended to:
           {"id": "<source_id>/<kind>/<index>", "source_id", "kind", "index", "text", "model",
            "prompt", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"},
            "temperature"}  and for latent thoughts also "cut_char" and "num_cuts" (= G).
-        --failures (default <out>.failures.jsonl): generations that ran out of tries.
-Rerunning the same command resumes: every (source_id, kind, index) already in --out is skipped,
-and a partial last line left by a crash is cut off. Ctrl-C stops cleanly (twice: at once).
+        --failures (default <out_jsonl without .jsonl>.failures.jsonl): the generations still
+          missing, {"source_id", "kind", "index", "error", "tries"}: they ran out of tries, or
+          were cut at the length limit on every sample. At the end of every run it is rewritten
+          to list only generations still missing from --out_jsonl (once each), or removed.
+
+Before any work, GET {endpoint}/models is asked once per endpoint (within --timeout, and 10 s at most): no connection,
+an HTML page, or anything but an OpenAI model list {"data": [...]} stops the run at once. Some
+servers have no /models: one answering 404, 405 or 501 there is accepted, but then its first
+200 reply must be an OpenAI JSON body, else the run stops (instead of retrying it as a glitch).
+
+Length limit: a reply cut at --max_new_tokens (finish_reason "length") is sampled again, with a
+fresh seed, up to --length_retries times; if every sample is cut, the generation goes to the
+failures file. With --keep_truncated such replies are written as they are (pack.py drops them
+unless told to keep them).
+
+Rerunning the same command resumes: every (source_id, kind, index) already in --out_jsonl is
+skipped, except those cut at the length limit (unless --keep_truncated): their lines are removed
+from --out_jsonl and they are sampled again, so one record per generation remains. A partial last
+line left by a crash is cut off. Ctrl-C stops cleanly (twice: at once).
+
+Exit status: 0 every generation written; 1 some went to the failures file (rerun to retry them),
+or a bug (with its traceback); 2 a configuration, input or server error, printed as one line
+"error: ..."; 130 interrupted. The API key never appears in any message (it is replaced by ***).
 """
 import argparse
 from concurrent.futures import ThreadPoolExecutor
@@ -39,10 +61,12 @@ import string
 import sys
 import threading
 import time
+import traceback
+from urllib.parse import urlparse
 
 import requests
 
-from formats import DataError, read_jsonl, require
+from formats import DataError, atomic_open, read_jsonl, require
 from tokenizer import load_tokenizer
 
 SYSTEM = "Reply with the requested text only, with no preamble, notes or commentary."
@@ -64,7 +88,8 @@ KINDS = {"rephrase": "wikipedia", "latent": "latent", "self-distill": None}  # k
 
 
 class Fatal(Exception):
-    """A configuration problem (4xx from the server, bad input): stop the whole run."""
+    """A configuration problem (bad flags or input, a 4xx from the server, no server): stop the
+    whole run with a one-line message."""
 
 
 class GiveUp(Exception):
@@ -84,7 +109,7 @@ class Abandoned(Exception):
 def load_prompt(args):
     if args.kind == "self-distill":
         if args.prompt_file:
-            raise Fatal("--prompt-file does not apply to --kind self-distill (it samples from a real prefix)")
+            raise Fatal("--prompt_file does not apply to --kind self-distill (it samples from a real prefix)")
         return None
     if not args.prompt_file:
         return PROMPTS[KINDS[args.kind]]
@@ -92,21 +117,21 @@ def load_prompt(args):
         with open(args.prompt_file, encoding="utf-8") as f:
             p = json.load(f)
     except (OSError, ValueError) as e:
-        raise Fatal(f"--prompt-file {args.prompt_file}: {e}") from None
+        raise Fatal(f"--prompt_file {args.prompt_file}: {e}") from None
     if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("user"), str) \
             or not isinstance(p.get("system", ""), str):
-        raise Fatal(f'--prompt-file {args.prompt_file}: expected {{"name": str, "system": str (optional), "user": str}}')
+        raise Fatal(f'--prompt_file {args.prompt_file}: expected {{"name": str, "system": str (optional), "user": str}}')
     try:  # collect the {fields} of the template; attribute or index access counts as unknown
         used = {name for _, name, _, _ in string.Formatter().parse(p["user"]) if name is not None}
     except ValueError as e:
-        raise Fatal(f"--prompt-file {args.prompt_file}: bad template ({e}); write literal braces as {{{{ and }}}}") from None
+        raise Fatal(f"--prompt_file {args.prompt_file}: bad template ({e}); write literal braces as {{{{ and }}}}") from None
     unknown = sorted(used - set(FIELDS))
     if unknown:
-        raise Fatal(f"--prompt-file {args.prompt_file}: unknown field(s) {', '.join('{%s}' % u for u in unknown)} in "
+        raise Fatal(f"--prompt_file {args.prompt_file}: unknown field(s) {', '.join('{%s}' % u for u in unknown)} in "
                     f"the user template; allowed: {', '.join('{%s}' % f for f in FIELDS)}")
     needed = {"rephrase": {"document"}, "latent": {"prefix", "suffix"}}[args.kind]
     if not needed <= used:
-        raise Fatal(f"--prompt-file {args.prompt_file}: --kind {args.kind} needs "
+        raise Fatal(f"--prompt_file {args.prompt_file}: --kind {args.kind} needs "
                     f"{' and '.join('{%s}' % f for f in sorted(needed))} in the user template")
     return {"name": p["name"], "system": p.get("system", ""), "user": p["user"]}
 
@@ -166,13 +191,15 @@ def latent_cuts(text, bounds, G):
     return cuts
 
 
-def request_seed(seed, source_id, kind, index):
-    # one seed per generation, so that the G samples of a document differ but a rerun repeats them
-    h = hashlib.sha256(f"{seed}/{source_id}/{kind}/{index}".encode()).digest()
+def request_seed(seed, source_id, kind, index, attempt=0):
+    # one seed per generation, so that the G samples of a document differ but a rerun repeats them;
+    # a sample cut at the length limit is drawn again with the seed of its next attempt
+    name = f"{seed}/{source_id}/{kind}/{index}" + (f"/{attempt}" if attempt else "")
+    h = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF  # int32: some servers reject larger seeds
 
 # -----------------------------------------------------------------------------
-# input documents and the output file
+# input documents, the output and failures files, the endpoints
 
 
 def read_docs(path):
@@ -185,14 +212,30 @@ def read_docs(path):
             yield lineno, doc
     except DataError as e:
         raise Fatal(str(e)) from None
+    except UnicodeDecodeError:
+        raise Fatal(not_utf8(path)) from None
 
 
-def scan_output(path, kind, G):
-    """{(source_id, kind): bitmask of the indices already written}. A partial last line (a crash
-    mid-write) is truncated off, so that appending continues on a line boundary."""
-    done, good = {}, 0
+def not_utf8(path):
+    """The message for a file that is not UTF-8, naming its first bad line. Text mode decodes in
+    blocks, so the decoding error does not tell the line; a newline byte never occurs inside a
+    UTF-8 character, so decoding line by line finds it exactly."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line)"
+    return f"{path}: not UTF-8 text"
+
+
+def read_records(path, what):
+    """Yield (line number, raw line, record) for the records of a JSONL file this script writes
+    (the output or the failures file). A partial last line (a crash mid-write) is cut off once the
+    file has been read, so that appending continues on a line boundary."""
     if not os.path.exists(path):
-        return done
+        return
+    good = 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
@@ -202,19 +245,60 @@ def scan_output(path, kind, G):
                 continue
             try:
                 r = json.loads(line)
-                key, index = (r["source_id"], r["kind"]), int(r["index"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise Fatal(f"{path}:{lineno}: not a generate.py record ({e}); fix or remove that line") from None
-            if r["kind"] == "latent" and kind == "latent" and r.get("num_cuts") != G:
-                raise Fatal(f"{path}:{lineno}: latent thoughts made with num_cuts={r.get('num_cuts')}, but --G {G} "
-                            "cuts the documents elsewhere; write to a new --out")
-            done[key] = done.get(key, 0) | (1 << index)
+                ok = isinstance(r["source_id"], str) and isinstance(r["kind"], str) and \
+                    isinstance(r["index"], int) and r["index"] >= 0
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise Fatal(f"{path}:{lineno}: not a {what} written by generate.py; fix or remove that line")
+            yield lineno, line, r
     size = os.path.getsize(path)
     if good < size:
         with open(path, "r+b") as f:
             f.truncate(good)
         print(f"{path}: removed a partial last line ({size - good} bytes) left by an interrupted run", file=sys.stderr)
-    return done
+
+
+def scan_output(path, kind, G, keep_truncated):
+    """What earlier runs wrote: {(source_id, kind): bitmask of the indices done}, and for this kind
+    {source_id: {index: line number}} of the records cut at the length limit, which are not done
+    (they are sampled again) unless keep_truncated."""
+    done, truncated = {}, {}
+    for lineno, _, r in read_records(path, "record"):
+        if r["kind"] == "latent" and kind == "latent" and r.get("num_cuts") != G:
+            raise Fatal(f"{path}:{lineno}: latent thoughts made with num_cuts={r.get('num_cuts')}, but --G {G} "
+                        "cuts the documents elsewhere; write to a new --out_jsonl")
+        if r.get("finish_reason") == "length" and r["kind"] == kind and not keep_truncated:
+            truncated.setdefault(r["source_id"], {})[r["index"]] = lineno
+            continue
+        key = (r["source_id"], r["kind"])
+        done[key] = done.get(key, 0) | (1 << r["index"])
+    return done, truncated
+
+
+def drop_lines(path, linenos):
+    """Rewrite a file without the given lines, atomically (a crash leaves the old file or the new)."""
+    with open(path, "rb") as src, atomic_open(path) as dst:
+        for lineno, line in enumerate(src, 1):
+            if lineno not in linenos:
+                dst.write(line)
+
+
+def tidy_failures(path, done):
+    """Rewrite the failures file to list only the generations still missing from the output, each
+    once (its latest failure), or remove it if none is. Returns how many it lists."""
+    latest = {}
+    for _, line, r in read_records(path, "failure record"):
+        key = (r["source_id"], r["kind"], r["index"])
+        latest.pop(key, None)  # an older failure of the same generation
+        if not done.get(key[:2], 0) >> key[2] & 1:
+            latest[key] = line
+    if latest:
+        with atomic_open(path) as f:
+            f.writelines(latest.values())
+    elif os.path.exists(path):
+        os.remove(path)
+    return len(latest)
 
 
 class JsonlWriter:
@@ -248,30 +332,181 @@ class JsonlWriter:
                 self.f.close()
                 self.f = None
 
+
+def auth_headers(key):
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def redact(text, key):
+    """The text with the API key replaced by *** (a server may echo the key in an error)."""
+    return text.replace(key, "***") if key else text
+
+
+def check_endpoint(url, key, timeout):
+    """Ask GET {url}/models once, so that a wrong URL or a server that is down or is not an OpenAI
+    server stops the run at start-up. Returns True if the server listed its models, False if it
+    has no /models route (then Sampler.post checks its first reply instead)."""
+    try:
+        r = requests.get(url.rstrip("/") + "/models", headers=auth_headers(key), timeout=timeout)
+    except requests.Timeout:
+        raise Fatal(f"--endpoint {url}: no answer to GET {url}/models within {timeout:g} s") from None
+    except requests.RequestException as e:
+        # the innermost reason ("Connection refused", "Name or service not known"), not urllib3's story
+        m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(e))
+        reason = m[1] if m else f"{type(e).__name__}: {e}"
+        raise Fatal(redact(f"--endpoint {url}: cannot connect ({reason}); is the server running, "
+                           "and is this its base URL (like http://127.0.0.1:8000/v1)?", key)) from None
+    if r.status_code in (404, 405, 501):
+        return False  # up, but without a /models route (some OpenAI-compatible servers lack it)
+    if r.status_code != 200:
+        raise Fatal(redact(f"--endpoint {url}: GET {url}/models answered HTTP {r.status_code}: {server_message(r)}", key))
+    try:
+        listed = isinstance(r.json()["data"], list)
+    except (ValueError, KeyError, TypeError):
+        listed = False
+    if not listed:
+        what = "an HTML page" if r.text.lstrip()[:1] == "<" else "something other than a model list"
+        raise Fatal(redact(f"--endpoint {url}: not an OpenAI-compatible server: GET {url}/models answered {what} "
+                           f"({r.text[:100]!r}); is this the base URL (like http://127.0.0.1:8000/v1)?", key))
+    return True
+
 # -----------------------------------------------------------------------------
 # the sampler
 
 
 class Sampler:
-    def __init__(self, args, enc, prompt, api_key):
-        self.args, self.enc, self.prompt, self.key = args, enc, prompt, api_key
-        self.out, self.failures = JsonlWriter(args.out), JsonlWriter(args.failures)
+    """One run's requests and everything they share: the output and failures files, what is done,
+    the counters, the load of each endpoint, the worker pool and the slots that bound its queue."""
+
+    def __init__(self, args, enc, prompt, done, total, has_models):
+        self.args, self.enc, self.prompt, self.key = args, enc, prompt, args.api_key
+        self.done, self.total = done, total  # done: {(source_id, kind): bitmask}, updated as we write
+        self.out, self.failures = JsonlWriter(args.out_jsonl), JsonlWriter(args.failures)
+        self.api = "completions" if args.kind == "self-distill" else args.api
         self.stop = threading.Event()
-        self.local = threading.local()  # one requests.Session (keep-alive connections) per thread
         self.lock = threading.RLock()
+        self.local = threading.local()  # one requests.Session (keep-alive connections) per thread
         self.busy = [0] * len(args.endpoint)  # requests in flight per endpoint
         self.turn = 0
-        self.stats = dict(done=0, failed=0, length=0, requests=0, retries=0, prompt_tokens=0, completion_tokens=0)
-        self.api = "completions" if args.kind == "self-distill" else args.api
-        self.start = time.time()
+        self.verified = list(has_models)  # endpoints known to answer like an OpenAI server
+        self.stats = dict(done=0, failed=0, requests=0, retries=0, length=0, resampled=0, prompt_tokens=0,
+                          completion_tokens=0)
+        self.slots = threading.Semaphore(2 * args.concurrency)  # tasks queued or running: the corpus is read lazily
+        self.errors = []  # exceptions of the tasks: Fatal (a 4xx) or a bug
+        self.start = self.last_progress = time.time()
 
-    def redact(self, s):
-        return s.replace(self.key, "***") if self.key else s  # a server may echo the key in an error
+    def sample(self, docs):
+        """Make every request for `docs`, args.concurrency at a time, until all are done or the run
+        stops (Ctrl-C, or a task's error); the files are closed when it returns."""
+        in_main = threading.current_thread() is threading.main_thread()
+        old_handler = signal.signal(signal.SIGINT, self.on_sigint) if in_main else None
+        pool = ThreadPoolExecutor(self.args.concurrency, thread_name_prefix="generate")
+        try:
+            for task in self.tasks(docs):
+                self.acquire_slot()
+                if self.stop.is_set():
+                    self.slots.release()
+                    break
+                pool.submit(self.do_task, task).add_done_callback(self.task_finished)
+            for _ in range(2 * self.args.concurrency):  # wait for the tasks in flight (after a stop, they end quickly)
+                self.acquire_slot()
+        finally:
+            pool.shutdown(wait=True)
+            self.out.close()
+            self.failures.close()
+            if in_main:
+                signal.signal(signal.SIGINT, old_handler)
+
+    def on_sigint(self, signum, frame):
+        if not self.stop.is_set():
+            print("\n[generate] stopping: no new requests; waiting for those in flight (Ctrl-C again to quit now)",
+                  file=sys.stderr, flush=True)
+            self.stop.set()
+            return
+        # second Ctrl-C: close the files under their locks (no half line), report, and leave now
+        self.out.close()
+        self.failures.close()
+        self.progress(final=True)
+        os._exit(130)
+
+    def acquire_slot(self):
+        """Wait for a free slot, printing progress every few seconds meanwhile."""
+        while True:
+            got = self.slots.acquire(timeout=0.2)
+            if time.time() - self.last_progress >= self.args.progress_every:
+                self.progress()
+                self.last_progress = time.time()
+            if got:
+                return
+
+    def task_finished(self, future):
+        if future.exception() is not None:  # Fatal (a 4xx) or a bug: stop the run
+            self.errors.append(future.exception())
+            self.stop.set()
+        self.slots.release()
 
     def count(self, **kw):
         with self.lock:
             for k, v in kw.items():
                 self.stats[k] += v
+
+    def do_task(self, task):
+        """Make the generations `indices` of one document, which share one request body. A reply
+        cut at the length limit is sampled again, alone and with the seed of its next attempt."""
+        a, sid = self.args, task["source_id"]
+        todo, per = [(index, 0) for index in task["indices"]], a.n_per_request  # (index, attempt)
+        while todo:
+            if self.stop.is_set():
+                return
+            index, attempt = todo[0]
+            # first samples go n at a time (one shared seed); samples again go one by one, each with its own seed
+            asked = 1 if attempt else min(per, sum(1 for _, t in todo if t == 0))
+            body = dict(task["body"], n=asked)
+            if a.seed >= 0:
+                body["seed"] = request_seed(a.seed, sid, a.kind, index, attempt)
+            try:
+                choices, usage, tries = self.post(body)
+            except GiveUp as e:
+                for index, _ in todo:
+                    self.fail(sid, index, e.error, e.tries)
+                return
+            except Abandoned:
+                return
+            choices = choices[:asked]
+            self.count(requests=1, prompt_tokens=usage.get("prompt_tokens", 0),
+                       completion_tokens=usage.get("completion_tokens", 0))
+            again = []
+            for (text, finish), (index, attempt), used in zip(choices, todo, self.split_usage(usage, choices, task)):
+                if finish == "length":
+                    self.count(length=1)
+                if finish == "length" and not a.keep_truncated:
+                    if attempt < a.length_retries:
+                        again.append((index, attempt + 1))
+                        self.count(resampled=1)
+                    else:
+                        self.fail(sid, index, f"cut at the length limit (--max_new_tokens {a.max_new_tokens}) "
+                                  f"in all {attempt + 1} samples", attempt + 1)
+                    continue
+                self.write(task, index, text, finish, used)
+            todo = todo[len(choices):] + again
+            if len(choices) < asked:
+                per = 1  # the server gave fewer choices than asked: request the rest one by one
+
+    def write(self, task, index, text, finish, used):
+        a, sid = self.args, task["source_id"]
+        rec = {"id": f"{sid}/{a.kind}/{index}", "source_id": sid, "kind": a.kind, "index": index,
+               "text": task["prefix"] + text if a.kind == "self-distill" else text.strip(), "model": a.model,
+               "prompt": task["prompt_name"], "finish_reason": finish, "usage": used,
+               "temperature": float(a.temperature), **task["extra"]}
+        if self.out.write(rec):
+            with self.lock:
+                self.done[(sid, a.kind)] = self.done.get((sid, a.kind), 0) | (1 << index)
+                self.stats["done"] += 1
+
+    def fail(self, source_id, index, error, tries):
+        rec = {"source_id": source_id, "kind": self.args.kind, "index": index, "error": error, "tries": tries}
+        if self.failures.write(rec):
+            self.count(failed=1)
 
     def pick_endpoint(self):
         # least requests in flight; ties go round robin so idle endpoints all get used
@@ -286,7 +521,6 @@ class Sampler:
         """POST one request, retrying 429/5xx/timeouts/dropped connections/malformed bodies with
         exponential backoff and jitter. Returns (list of (text, finish_reason), usage, tries)."""
         a = self.args
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         if not hasattr(self.local, "session"):
             self.local.session = requests.Session()
         for tries in range(1, a.max_tries + 1):
@@ -294,26 +528,35 @@ class Sampler:
             url = a.endpoint[i].rstrip("/") + ("/chat/completions" if self.api == "chat" else "/completions")
             wait = None  # the server's Retry-After, if any
             try:
-                r = self.local.session.post(url, json=body, headers=headers, timeout=a.timeout)
+                r = self.local.session.post(url, json=body, headers=auth_headers(self.key), timeout=a.timeout)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError) as e:
                 error = f"{type(e).__name__}: {e}"
+            except requests.RequestException as e:  # anything else (a bad header, ...) will not get better
+                raise Fatal(redact(f"{url}: {type(e).__name__}: {e}", self.key)) from None
             else:
                 if r.status_code == 200:
                     try:
-                        return self.parse(r.json()) + (tries,)
+                        result = self.parse(r.json())
                     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                         error = f"malformed response body ({type(e).__name__}: {e}): {r.text[:200]!r}"
+                        if not self.verified[i]:  # no /models at start-up, and no OpenAI reply yet either
+                            raise Fatal(redact(f"--endpoint {a.endpoint[i]}: not an OpenAI-compatible server: it has "
+                                               f"no /models and its first reply is not an OpenAI JSON body "
+                                               f"({r.text[:100]!r})", self.key)) from None
+                    else:
+                        self.verified[i] = True
+                        return result + (tries,)
                 elif r.status_code in (408, 429) or r.status_code >= 500:
                     error = f"HTTP {r.status_code}: {server_message(r)}"
                     wait = retry_after(r.headers.get("Retry-After"))
                 else:  # any other 4xx is a configuration problem (wrong model name, bad key, ...)
-                    raise Fatal(self.redact(f"{url} answered HTTP {r.status_code}: {server_message(r)}"))
+                    raise Fatal(redact(f"{url} answered HTTP {r.status_code}: {server_message(r)}", self.key))
             finally:
                 with self.lock:
                     self.busy[i] -= 1
             if tries == a.max_tries:
-                raise GiveUp(self.redact(error), tries)
+                raise GiveUp(redact(error, self.key), tries)
             self.count(retries=1)
             delay = min(a.backoff_max, a.backoff_base * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
             if wait is not None:
@@ -335,42 +578,6 @@ class Sampler:
         usage = data.get("usage") or {}
         usage = {k: usage[k] for k in ("prompt_tokens", "completion_tokens") if isinstance(usage.get(k), int)}
         return out, usage
-
-    def run(self, task):
-        """Do one task: `indices` generations of one document that share one request body."""
-        a = self.args
-        todo, per = list(task["indices"]), a.n_per_request
-        while todo:
-            if self.stop.is_set():
-                return
-            asked = min(per, len(todo))
-            body = dict(task["body"], n=asked)
-            if a.seed >= 0:
-                body["seed"] = request_seed(a.seed, task["source_id"], a.kind, todo[0])
-            try:
-                choices, usage, tries = self.post(body)
-            except GiveUp as e:
-                for index in todo:
-                    self.failures.write({"source_id": task["source_id"], "kind": a.kind, "index": index,
-                                         "error": e.error, "tries": e.tries})
-                self.count(failed=len(todo))
-                return
-            except Abandoned:
-                return
-            choices = choices[:asked]
-            self.count(requests=1, prompt_tokens=usage.get("prompt_tokens", 0),
-                       completion_tokens=usage.get("completion_tokens", 0))
-            for (text, finish), index, used in zip(choices, todo, self.split_usage(usage, choices, task)):
-                rec = {"id": f"{task['source_id']}/{a.kind}/{index}", "source_id": task["source_id"], "kind": a.kind,
-                       "index": index, "text": task["prefix"] + text if a.kind == "self-distill" else text.strip(),
-                       "model": a.model, "prompt": task["prompt_name"], "finish_reason": finish, "usage": used,
-                       "temperature": float(a.temperature), **task["extra"]}
-                if self.out.write(rec):
-                    self.count(done=1, length=int(finish == "length"))
-            todo = todo[len(choices):]
-            if len(choices) < asked:
-                per = 1  # the server gave fewer choices than asked: request the rest one by one
-
     def split_usage(self, usage, choices, task):
         """Per-generation token counts. The server reports one total per request: with several
         choices, a choice cut at the length limit used max_new_tokens, and the rest of the total is
@@ -391,13 +598,13 @@ class Sampler:
             rest -= counts[i]
         return [{"prompt_tokens": prompt, "completion_tokens": c} for c in counts]
 
-    def tasks(self, docs, done):
+    def tasks(self, docs):
         """Requests to make, document by document: (indices, request body, record extras)."""
         a, enc = self.args, self.enc
         mask = (1 << a.G) - 1
         for doc in docs:
             sid, text = doc["id"], doc["text"]
-            missing = [i for i in range(a.G) if not done.get((sid, a.kind), 0) & mask & (1 << i)]
+            missing = [i for i in range(a.G) if not self.done.get((sid, a.kind), 0) & mask & (1 << i)]
             if not missing or not text:
                 continue
             tokens = enc.encode_ordinary(text)
@@ -437,22 +644,24 @@ class Sampler:
         body.update(temperature=a.temperature, max_tokens=a.max_new_tokens)
         return {"body": body, "local_prompt_tokens": len(self.enc.encode_ordinary(p["system"] + user))}
 
-    def progress(self, total, final=False):
+    def progress(self, final=False):
         s, dt = self.stats, max(1e-9, time.time() - self.start)
         finished = s["done"] + s["failed"]
-        eta = f"{dt:.1f}s elapsed" if final else f"ETA {(total - finished) * dt / max(1, finished) / 60:.1f} min"
-        print(f"[generate] {s['done']:,}/{total:,} done | {s['requests'] / dt:.1f} req/s | "
+        eta = f"{dt:.1f}s elapsed" if final else f"ETA {(self.total - finished) * dt / max(1, finished) / 60:.1f} min"
+        print(f"[generate] {s['done']:,}/{self.total:,} done | {s['requests'] / dt:.1f} req/s | "
               f"{s['completion_tokens'] / dt:,.0f} tok/s | {eta} | retries {s['retries']:,} | failed {s['failed']:,}",
               file=sys.stderr, flush=True)
 
 
 def server_message(r):
-    """The message of an OpenAI-style error body {"error": {"message": ...}}, else the body's start."""
+    """The message of an OpenAI-style error body {"error": {"message": ...}}, else the body's start
+    (on one line: it goes into one-line errors and the failures file)."""
     try:
         err = r.json()["error"]
-        return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
-    except (ValueError, KeyError, TypeError):
-        return r.text[:500] or r.reason
+        message = str(err.get("message", err) if isinstance(err, dict) else err)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message = r.text or r.reason or ""
+    return " ".join(message.split())[:500]
 
 
 def retry_after(value):
@@ -468,34 +677,49 @@ def retry_after(value):
 # -----------------------------------------------------------------------------
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line "error: ...", like every other error of this script
+        raise Fatal(f"{message} (see python generate.py --help)")
+
+
+def arg_parser():
+    # allow_abbrev=False: a prefix such as --out (the old name of --out_jsonl) is not silently taken
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--input", required=True, help="JSONL documents {id, text}")
-    p.add_argument("--out", required=True, help="JSONL output, appended to (resume)")
-    p.add_argument("--failures", help="JSONL of generations that ran out of tries (default: <out>.failures.jsonl)")
+    p.add_argument("--out_jsonl", required=True, help="JSONL output, one line per generation, appended to (resume)")
+    p.add_argument("--failures", help="JSONL of the generations still missing (default: <out_jsonl>.failures.jsonl)")
     p.add_argument("--endpoint", action="append", required=True, help="base URL like http://127.0.0.1:8000/v1 (repeatable)")
     p.add_argument("--model", required=True, help="model name as the server knows it")
-    p.add_argument("--kind", choices=list(KINDS), default="rephrase")
-    p.add_argument("--prompt-file", help='JSON {"name", "system" (optional), "user"} with {document}/{prefix}/{suffix}/{id}')
+    p.add_argument("--kind", choices=list(KINDS), default="rephrase", help="what to generate (see above)")
+    p.add_argument("--prompt_file", help='JSON {"name", "system" (optional), "user"} with {document}/{prefix}/{suffix}/{id}')
     p.add_argument("--api", choices=["chat", "completions"], default="chat",
                    help="chat: /chat/completions (instruct models); completions: /completions (base models)")
     p.add_argument("--G", type=int, default=4, help="generations per document")
-    p.add_argument("--n-per-request", type=int, default=1, help="generations per request via the n parameter")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=1024)
+    p.add_argument("--n_per_request", type=int, default=1, help="generations per request via the n parameter")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--max_new_tokens", type=int, default=1024, help="tokens per generation at most (max_tokens)")
+    p.add_argument("--length_retries", type=int, default=2,
+                   help="times a generation cut at --max_new_tokens is sampled again before it counts as failed")
+    p.add_argument("--keep_truncated", action="store_true",
+                   help="write generations cut at --max_new_tokens as they are (finish_reason 'length')")
     p.add_argument("--seed", type=int, default=0, help="base of the per-generation seeds; -1 sends no seed")
-    p.add_argument("--max-source-tokens", type=int, default=2048,
+    p.add_argument("--max_source_tokens", type=int, default=2048,
                    help="truncate the source to this many tokens (latent: half before, half after the cut); 0 = no limit")
-    p.add_argument("--prefix-tokens", type=int, default=32, help="self-distill: real prefix length; 0 = unconditional")
+    p.add_argument("--prefix_tokens", type=int, default=32, help="self-distill: real prefix length; 0 = unconditional")
     p.add_argument("--tokenizer", default="gpt2", help="for truncation, cuts and prefixes (see tokenizer.load_tokenizer)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     p.add_argument("--shard", default="0/1", help="i/n: only documents whose position modulo n is i")
-    p.add_argument("--max-tries", type=int, default=8)
-    p.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay in seconds (doubles each try)")
-    p.add_argument("--backoff-max", type=float, default=60.0)
+    p.add_argument("--max_tries", type=int, default=8, help="tries per request (429, 5xx, timeouts, ...)")
+    p.add_argument("--backoff_base", type=float, default=1.0, help="first retry delay in seconds (doubles each try)")
+    p.add_argument("--backoff_max", type=float, default=60.0, help="longest retry delay in seconds")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--progress_every", type=float, default=5.0, help="seconds between progress lines")
+    return p
+
+
+def parse_args(argv):
+    p = arg_parser()
     args = p.parse_args(argv)
     m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
     if not m or not int(m[1]) < int(m[2]):
@@ -503,109 +727,107 @@ def parse_args(argv):
     args.shard = (int(m[1]), int(m[2]))
     for name in ("G", "n_per_request", "concurrency", "max_tries", "max_new_tokens"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.temperature < 0 or args.max_source_tokens < 0 or args.prefix_tokens < 0:
-        p.error("--temperature, --max-source-tokens and --prefix-tokens must be >= 0")
+            p.error(f"--{name} must be >= 1")
+    for name in ("temperature", "max_source_tokens", "prefix_tokens", "length_retries", "backoff_base",
+                 "backoff_max", "progress_every"):
+        if not getattr(args, name) >= 0:  # (not >= rather than <: NaN is refused too)
+            p.error(f"--{name} must be >= 0")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    for url in args.endpoint:
+        u = urlparse(url)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            p.error(f"--endpoint {url!r}: expected an http:// or https:// URL like http://127.0.0.1:8000/v1")
     if args.kind == "latent":
         args.n_per_request = 1  # each latent thought has its own prompt
-    args.failures = args.failures or re.sub(r"\.jsonl$", "", args.out) + ".failures.jsonl"
+    args.failures = args.failures or re.sub(r"\.jsonl$", "", args.out_jsonl) + ".failures.jsonl"
+    # a key read from a file often ends in a newline; any other character that an HTTP header
+    # cannot carry would make requests raise an error that quotes the header, key and all
+    args.api_key = os.environ.get(args.api_key_env, "").strip() or None
+    bad = [i for i, c in enumerate(args.api_key or "") if not "!" <= c <= "~"]
+    if bad:
+        p.error(f"the API key in ${args.api_key_env} has a character that an HTTP header cannot carry "
+                f"(whitespace, a control or a non-ASCII character) at position {bad[0]}")
     return args
 
 
 def main(argv=None):
-    """Run the sampler; returns the final stats dict (exit codes: 2 on a fatal error, 130 on Ctrl-C)."""
-    args = parse_args(argv)
+    """Run the sampler; returns the final stats dict. Exit codes: 1 if some generations failed,
+    2 on a fatal error (one line "error: ..."), 130 on Ctrl-C."""
+    key = None
     try:
-        return run(args)
+        args = parse_args(argv)
+        key = args.api_key
+        stats = run(args)
     except Fatal as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(redact(str(e), key).splitlines()), file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # before the sampling started: nothing to stop cleanly
+        print("[generate] interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    except Exception:  # a bug: its traceback, but never the key (an exception may quote a request header)
+        print(redact(traceback.format_exc(), key), file=sys.stderr, end="")
+        raise SystemExit(1)
+    if stats["failed"]:
+        raise SystemExit(1)
+    return stats
 
 
 def run(args):
-    enc, _ = load_tokenizer(args.tokenizer)
+    """Check the setup, read what is done and what is to do, then sample; returns the stats."""
+    try:
+        open(args.input, "rb").close()
+    except OSError as e:
+        raise Fatal(f"--input {args.input}: {e.strerror}") from None
+    try:
+        enc, _ = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:
+        raise Fatal(f"--tokenizer {args.tokenizer}: {e}") from None
     prompt = load_prompt(args)
-    api_key = os.environ.get(args.api_key_env) or None
-    done = scan_output(args.out, args.kind, args.G)
+    has_models = [check_endpoint(url, args.api_key, min(args.timeout, 10.0)) for url in args.endpoint]
+    done, truncated = scan_output(args.out_jsonl, args.kind, args.G, args.keep_truncated)
+    tidy_failures(args.failures, done)  # repairs a partial last line before we append to it
 
     # pass 1: validate every input line and count the work (the text is not kept: corpora are big)
     shard_i, shard_n = args.shard
-    mask, ids, total, ndocs = (1 << args.G) - 1, set(), 0, 0
+    mask, ids, total, ndocs, redo = (1 << args.G) - 1, set(), 0, 0, set()
     for pos, (lineno, doc) in enumerate(read_docs(args.input)):
+        ndocs += 1  # in every shard
         if pos % shard_n != shard_i:
             continue
         if doc["id"] in ids:
             raise Fatal(f"{args.input}:{lineno}: duplicate document id {doc['id']!r}")
         ids.add(doc["id"])
-        ndocs += 1
         if doc["text"]:
             total += args.G - bin(done.get((doc["id"], args.kind), 0) & mask).count("1")
-    print(f"[generate] {args.kind}: {total:,} generations to write for {ndocs:,} documents "
-          f"(shard {shard_i}/{shard_n}, G={args.G}); {args.G * ndocs - total:,} already in {args.out} or empty",
+            redo.update(line for i, line in truncated.get(doc["id"], {}).items() if i < args.G)
+    if not ndocs:
+        raise Fatal(f"{args.input}: no documents")
+    if redo:  # this run samples them again: remove them now, so that one record per generation remains
+        drop_lines(args.out_jsonl, redo)
+        print(f"[generate] removed {len(redo):,} generations cut at the length limit from {args.out_jsonl}: "
+              "this run samples them again", file=sys.stderr)
+    print(f"[generate] {args.kind}: {total:,} generations to write for {len(ids):,} documents "
+          f"(shard {shard_i}/{shard_n}, G={args.G}); {args.G * len(ids) - total:,} already in {args.out_jsonl} or empty",
           file=sys.stderr, flush=True)
     del ids
 
-    sampler = Sampler(args, enc, prompt, api_key)
-    docs = (d for pos, (_, d) in enumerate(read_docs(args.input)) if pos % shard_n == shard_i)
+    sampler = Sampler(args, enc, prompt, done, total, has_models)
+    sampler.sample(d for pos, (_, d) in enumerate(read_docs(args.input)) if pos % shard_n == shard_i)
+    missing = tidy_failures(args.failures, sampler.done)
 
-    def on_sigint(signum, frame):
-        if not sampler.stop.is_set():
-            print("\n[generate] stopping: no new requests; waiting for those in flight (Ctrl-C again to quit now)",
-                  file=sys.stderr, flush=True)
-            sampler.stop.set()
-            return
-        # second Ctrl-C: close the files under their locks (no half line), report, and leave now
-        sampler.out.close()
-        sampler.failures.close()
-        sampler.progress(total, final=True)
-        os._exit(130)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main else None
-    pool = ThreadPoolExecutor(args.concurrency, thread_name_prefix="generate")
-    slots = threading.Semaphore(2 * args.concurrency)  # tasks queued or running: the corpus is read lazily
-    errors, last = [], [time.time()]
-
-    def finished(future):
-        if future.exception() is not None:  # Fatal (a 4xx) or a bug: stop the run
-            errors.append(future.exception())
-            sampler.stop.set()
-        slots.release()
-
-    def acquire_slot():  # and print progress every few seconds meanwhile
-        while True:
-            got = slots.acquire(timeout=0.2)
-            if time.time() - last[0] >= args.progress_every:
-                sampler.progress(total)
-                last[0] = time.time()
-            if got:
-                return
-
-    try:
-        for task in sampler.tasks(docs, done):
-            acquire_slot()
-            if sampler.stop.is_set():
-                slots.release()
-                break
-            pool.submit(sampler.run, task).add_done_callback(finished)
-        for _ in range(2 * args.concurrency):  # wait for the tasks in flight (after a stop, they end quickly)
-            acquire_slot()
-    finally:
-        pool.shutdown(wait=True)
-        sampler.out.close()
-        sampler.failures.close()
-        if in_main:
-            signal.signal(signal.SIGINT, old_handler)
     s = sampler.stats
-    sampler.progress(total, final=True)
-    print(f"[generate] summary: {s['done']:,} written ({s['length']:,} stopped at the length limit), "
-          f"{s['failed']:,} failed, {s['requests']:,} requests, {s['retries']:,} retries; "
-          f"tokens: {s['prompt_tokens']:,} prompt, {s['completion_tokens']:,} completion", file=sys.stderr, flush=True)
-    if s["failed"]:
-        print(f"[generate] {s['failed']:,} generations ran out of tries (see {args.failures}); "
+    sampler.progress(final=True)
+    length = "" if not s["length"] else f", {s['length']:,} replies cut at the length limit (" + \
+        ("kept" if args.keep_truncated else f"{s['resampled']:,} sampled again") + ")"
+    print(f"[generate] summary: {s['done']:,} written, {s['failed']:,} failed, {s['requests']:,} requests, "
+          f"{s['retries']:,} retries{length}; tokens: {s['prompt_tokens']:,} prompt, "
+          f"{s['completion_tokens']:,} completion", file=sys.stderr, flush=True)
+    if missing:
+        print(f"[generate] {missing:,} generations are missing from {args.out_jsonl}, listed in {args.failures}; "
               "rerun the same command to retry them", file=sys.stderr)
-    if errors:
-        raise errors[0]  # Fatal: main() prints it; anything else is a bug and shows its traceback
+    if sampler.errors:
+        raise sampler.errors[0]  # Fatal: main() prints it; anything else is a bug and shows its traceback
     if sampler.stop.is_set():
         print("[generate] interrupted; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130)

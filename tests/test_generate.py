@@ -1,14 +1,17 @@
 """Tests for generate.py against real HTTP servers on 127.0.0.1 (no mocking of requests): a
 fault-injecting OpenAI-compatible server (429 + Retry-After, 500, slow replies, dropped connections,
-length-truncated outputs, malformed JSON, a 400), resume after SIGKILL and Ctrl-C, shards and
-several endpoints, latent-thought cuts, prompt files, and that the API key never leaks.
-Run: python -m pytest -q tests/test_generate.py   (about half a minute on 2 CPU cores)"""
+length-truncated outputs, malformed JSON, a 400), servers that are down, answer HTML or lack
+/models, resume after SIGKILL and Ctrl-C, truncated generations sampled again and replaced, the
+failures file kept to what is still missing, shards and several endpoints, latent-thought cuts,
+prompt files, one-line errors with exit codes, and that the API key never leaks.
+Run: python -m pytest -q tests/test_generate.py   (about 40 seconds on 2 CPU cores)"""
 
 import collections
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,17 +31,24 @@ FAULT = re.compile(r"\[\[(\w+)\]\]")  # a document asks for a fault with a marke
 
 
 class FaultHandler(JSONHandler):
+    def do_GET(self):
+        if self.path.rstrip("/") == "/v1/models" and self.server.models:
+            return self.reply(200, {"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+        self.error(404, f"no route GET {self.path}")
+
     def do_POST(self):
         srv = self.server
         body = self.read_json()
         chat = self.path.endswith("/chat/completions")
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         m = FAULT.search(prompt)
-        fault = m[1] if m else "ok"
+        fault = "ok" if not m or m[1] in srv.healed else m[1]
         key = (prompt, body.get("seed"))  # one generation (or group of n) of one document
         with srv.lock:
             srv.attempts[key] += 1
             attempt = srv.attempts[key]
+            srv.requests_of[prompt] += 1
+            first_of_document = srv.requests_of[prompt] == 1
             srv.log.append(dict(time=time.time(), fault=fault, attempt=attempt, body=body, path=self.path,
                                 auth=self.headers.get("Authorization")))
         if srv.delay:
@@ -65,7 +75,8 @@ class FaultHandler(JSONHandler):
             if fault == "bad400":  # a server that echoes the key: the client must not repeat it
                 return self.reply(400, {"error": {"message": f"The model `nope` does not exist (key {KEY})."}})
             n = 1 if fault == "nshort" else body.get("n", 1)
-            finish = "length" if fault == "length" else "stop"
+            # length: every reply is cut at the length limit; length1: only the document's first request
+            finish = "length" if fault == "length" or (fault == "length1" and first_of_document) else "stop"
             texts = [f"  generation {body.get('seed')}/{j} of {fault}  " for j in range(n)]
             choices = [dict(index=j, finish_reason=finish, **({"message": {"role": "assistant", "content": t}}
                                                                if chat else {"text": t})) for j, t in enumerate(texts)]
@@ -75,15 +86,37 @@ class FaultHandler(JSONHandler):
             pass  # the client gave up (timeout) first
 
 
+class HTMLHandler(JSONHandler):
+    """A web server that is not an OpenAI server: an HTML page for everything (or 404 on GET)."""
+    def do_GET(self):
+        self.page(404 if self.server.models is False else 200)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.log.append(self.path)
+        self.page(200)
+
+    def page(self, code):
+        body = b"<!DOCTYPE html>\n<html><head><title>Welcome</title></head>\n<body>It works!</body></html>\n"
+        self.send_response(code)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 @pytest.fixture
 def server():
-    """Start fault servers on ephemeral ports; yields a factory server(delay=0) -> (srv, base_url)."""
+    """Start fault servers on ephemeral ports; yields a factory server(delay=0, models=True,
+    handler=FaultHandler) -> (srv, base_url). models=False: no /models route (404). Faults named
+    in srv.healed behave as "ok"."""
     started = []
 
-    def start(delay=0.0):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), FaultHandler)
+    def start(delay=0.0, models=True, handler=FaultHandler):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         srv.daemon_threads = True
         srv.lock, srv.attempts, srv.log, srv.delay = threading.Lock(), collections.Counter(), [], delay
+        srv.requests_of, srv.models, srv.healed = collections.Counter(), models, set()
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         started.append(srv)
         return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
@@ -107,8 +140,8 @@ def read_jsonl(path):
 
 def run_main(monkeypatch, *argv):
     monkeypatch.setenv("NANOSYNTH_TEST_KEY", KEY)
-    return generate.main(["--api-key-env", "NANOSYNTH_TEST_KEY", "--model", "test-model", "--backoff-base", "0.01",
-                          "--progress-every", "0.5", *argv])
+    return generate.main(["--api_key_env", "NANOSYNTH_TEST_KEY", "--model", "test-model", "--backoff_base", "0.01",
+                          "--progress_every", "0.5", *argv])
 
 
 def assert_no_key(*texts_or_paths):
@@ -120,44 +153,55 @@ def assert_no_key(*texts_or_paths):
 
 # ----------------------------------------------------------------------------- the fault matrix
 
-FAULTS = ["ok", "r429", "e500", "slow", "drop", "reset", "length", "malformed", "dead", "nshort"]
+FAULTS = ["ok", "r429", "e500", "slow", "drop", "reset", "length", "length1", "malformed", "dead", "nshort"]
 
 
 def test_fault_matrix(tmp_path, server, monkeypatch, capfd):
     srv, url = server()
     docs = [{"id": f"d-{f}", "text": f"Document about {f}. [[{f}]] It has two sentences."} for f in FAULTS]
     inp, out = write_docs(tmp_path / "in.jsonl", docs), str(tmp_path / "out" / "synth.jsonl")
-    stats = run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--G", "2", "--n-per-request", "2",
-                     "--max-tries", "3", "--timeout", "0.5", "--concurrency", "4")
+    with pytest.raises(SystemExit) as exit:  # some generations failed: exit status 1
+        run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--G", "2",
+                 "--n_per_request", "2", "--max_tries", "3", "--timeout", "0.5", "--concurrency", "4")
+    assert exit.value.code == 1
     recs = read_jsonl(out)
     count = collections.Counter((r["source_id"], r["index"]) for r in recs)
-    expected = {(f"d-{f}", i) for f in FAULTS if f != "dead" for i in range(2)}
+    expected = {(f"d-{f}", i) for f in FAULTS if f not in ("dead", "length") for i in range(2)}
     assert set(count) == expected and set(count.values()) == {1}  # every generation exactly once
     for r in recs:
         assert r["id"] == f"{r['source_id']}/rephrase/{r['index']}" and r["kind"] == "rephrase"
         assert r["model"] == "test-model" and r["prompt"] == "wikipedia" and r["temperature"] == 1.0
-        assert r["finish_reason"] == ("length" if r["source_id"] == "d-length" else "stop")
+        assert r["finish_reason"] == "stop"  # cut replies were sampled again, or failed
         assert r["text"] == r["text"].strip() and r["text"].startswith("generation ")
         assert r["usage"]["prompt_tokens"] == 100
     # usage: the request's 14 completion tokens are split between its two generations
     assert sum(r["usage"]["completion_tokens"] for r in recs if r["source_id"] == "d-ok") == 14
-    # the dead document ran out of tries and went to the failures file, without key
+    # the dead document ran out of tries, the always-cut one ran out of samples: both in the failures file
     fails = read_jsonl(str(tmp_path / "out" / "synth.failures.jsonl"))
-    assert sorted((f["source_id"], f["kind"], f["index"], f["tries"]) for f in fails) == \
-        [("d-dead", "rephrase", 0, 3), ("d-dead", "rephrase", 1, 3)]
-    assert all(f["error"] == "HTTP 503: server hiccup" for f in fails)
+    assert sorted((f["source_id"], f["kind"], f["index"], f["tries"], f["error"]) for f in fails) == \
+        [("d-dead", "rephrase", i, 3, "HTTP 503: server hiccup") for i in range(2)] + \
+        [("d-length", "rephrase", i, 3, "cut at the length limit (--max_new_tokens 1024) in all 3 samples")
+         for i in range(2)]
     # server side: tries per fault, Retry-After honoured, key sent as a Bearer header
     tries = collections.Counter(e["fault"] for e in srv.log)
-    assert tries == {"ok": 1, "r429": 2, "e500": 3, "slow": 2, "drop": 2, "reset": 2, "length": 1, "malformed": 2,
-                     "dead": 3, "nshort": 2}
+    assert tries == {"ok": 1, "r429": 2, "e500": 3, "slow": 2, "drop": 2, "reset": 2, "length": 5, "length1": 3,
+                     "malformed": 2, "dead": 3, "nshort": 2}
     t429 = [e["time"] for e in srv.log if e["fault"] == "r429"]
     assert t429[1] - t429[0] >= 0.95
     assert {e["auth"] for e in srv.log} == {f"Bearer {KEY}"}
     # nshort: asked for n=2, got 1, then asked for the remaining one alone
     assert [e["body"]["n"] for e in srv.log if e["fault"] == "nshort"] == [2, 1]
-    assert stats["done"] == 18 and stats["failed"] == 2 and stats["length"] == 2 and stats["retries"] == 9
+    # a cut reply is sampled again alone, with the seed of (seed, source, kind, index, attempt)
+    for fault, attempts in (("length1", 1), ("length", 2)):
+        bodies = [e["body"] for e in srv.log if e["fault"] == fault]
+        assert [(b["n"], b["seed"]) for b in bodies[:1]] == [(2, generate.request_seed(0, f"d-{fault}", "rephrase", 0))]
+        assert sorted(b["seed"] for b in bodies[1:]) == sorted(
+            generate.request_seed(0, f"d-{fault}", "rephrase", i, t) for i in range(2) for t in range(1, attempts + 1))
+        assert all(b["n"] == 1 for b in bodies[1:]) and len({b["seed"] for b in bodies}) == len(bodies)
     cap = capfd.readouterr()
-    assert "[generate] summary: 18 written (2 stopped at the length limit), 2 failed" in cap.err
+    assert "[generate] summary: 18 written, 4 failed, 17 requests, 9 retries, " \
+        "8 replies cut at the length limit (6 sampled again)" in cap.err
+    assert "4 generations are missing from" in cap.err
     assert_no_key(out, cap.out, cap.err)
 
 
@@ -165,7 +209,7 @@ def test_fewer_choices_than_asked_are_requested_one_by_one(tmp_path, server, mon
     srv, url = server()  # this server ignores n and always answers with one choice
     inp = write_docs(tmp_path / "in.jsonl", [{"id": "s", "text": "Short. [[nshort]]"}])
     out = str(tmp_path / "o.jsonl")
-    run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--G", "3", "--n-per-request", "3")
+    run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--G", "3", "--n_per_request", "3")
     assert [e["body"]["n"] for e in srv.log] == [3, 1, 1]
     assert sorted(r["index"] for r in read_jsonl(out)) == [0, 1, 2]
 
@@ -176,7 +220,7 @@ def test_400_fails_fast_with_server_message(tmp_path, server, monkeypatch, capfd
     inp, out = write_docs(tmp_path / "in.jsonl", docs), str(tmp_path / "out.jsonl")
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
-        run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--G", "3")
+        run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--G", "3")
     assert e.value.code == 2 and time.time() - t0 < 10
     err = capfd.readouterr().err
     assert f"error: {url}/chat/completions answered HTTP 400: The model `nope` does not exist (key ***)." in err
@@ -189,9 +233,9 @@ def test_400_fails_fast_with_server_message(tmp_path, server, monkeypatch, capfd
 
 def spawn(inp, out, url, *extra):
     env = dict(os.environ, NANOSYNTH_TEST_KEY=KEY)
-    cmd = [sys.executable, os.path.join(ROOT, "generate.py"), "--input", inp, "--out", out, "--endpoint", url,
-           "--model", "m", "--api-key-env", "NANOSYNTH_TEST_KEY", "--G", "2", "--concurrency", "4",
-           "--progress-every", "0.5", *extra]
+    cmd = [sys.executable, os.path.join(ROOT, "generate.py"), "--input", inp, "--out_jsonl", out, "--endpoint", url,
+           "--model", "m", "--api_key_env", "NANOSYNTH_TEST_KEY", "--G", "2", "--concurrency", "4",
+           "--progress_every", "0.5", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -288,7 +332,7 @@ def test_shards_split_the_corpus_and_endpoints_share_load(tmp_path, server, monk
     ids = [f"d{i}" for i in range(10)]
     inp = write_docs(tmp_path / "in.jsonl", [{"id": i, "text": f"About {i}."} for i in ids])
     for shard in ("0/3", "1/3", "2/3"):
-        run_main(monkeypatch, "--input", inp, "--out", str(tmp_path / f"out{shard[0]}.jsonl"), "--endpoint", u1,
+        run_main(monkeypatch, "--input", inp, "--out_jsonl", str(tmp_path / f"out{shard[0]}.jsonl"), "--endpoint", u1,
                  "--endpoint", u2, "--G", "2", "--shard", shard, "--concurrency", "4")
     for s in range(3):
         got = {r["source_id"] for r in read_jsonl(str(tmp_path / f"out{s}.jsonl"))}
@@ -301,8 +345,8 @@ def test_request_body_seeds_n_and_truncation(tmp_path, server, monkeypatch):
     enc, _ = load_tokenizer("gpt2")
     text = " ".join(f"word{i}" for i in range(300))
     inp = write_docs(tmp_path / "in.jsonl", [{"id": "x", "text": text}])
-    run_main(monkeypatch, "--input", inp, "--out", str(tmp_path / "o.jsonl"), "--endpoint", url, "--G", "3",
-             "--max-source-tokens", "50", "--temperature", "0.7", "--max-new-tokens", "99", "--seed", "5")
+    run_main(monkeypatch, "--input", inp, "--out_jsonl", str(tmp_path / "o.jsonl"), "--endpoint", url, "--G", "3",
+             "--max_source_tokens", "50", "--temperature", "0.7", "--max_new_tokens", "99", "--seed", "5")
     bodies = [e["body"] for e in srv.log]
     assert len(bodies) == 3 and all(b["n"] == 1 and b["temperature"] == 0.7 and b["max_tokens"] == 99 for b in bodies)
     assert sorted(b["seed"] for b in bodies) == sorted(generate.request_seed(5, "x", "rephrase", i) for i in range(3))
@@ -328,7 +372,7 @@ def test_latent_cuts_and_prompts(tmp_path, server, monkeypatch):
     cuts = []
     for run in ("a", "b"):
         out = str(tmp_path / f"{run}.jsonl")
-        run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--kind", "latent", "--G", "3")
+        run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--kind", "latent", "--G", "3")
         recs = sorted(read_jsonl(out), key=lambda r: r["index"])
         assert [(r["kind"], r["index"], r["num_cuts"], r["prompt"]) for r in recs] == \
             [("latent", i, 3, "latent") for i in range(3)]
@@ -343,7 +387,7 @@ def test_latent_cuts_and_prompts(tmp_path, server, monkeypatch):
                      for x in c}
     # resuming with another G would put thought i elsewhere: refused
     with pytest.raises(SystemExit):
-        run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--kind", "latent", "--G", "2")
+        run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--kind", "latent", "--G", "2")
 
 
 def test_latent_cut_function():
@@ -368,13 +412,13 @@ def test_prompt_file(tmp_path, server, monkeypatch, capfd):
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"name": "qa", "user": "Q&A about {id}: {document}"}))
     out = str(tmp_path / "o.jsonl")
-    run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--G", "1", "--prompt-file", str(good))
+    run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--G", "1", "--prompt_file", str(good))
     assert srv.log[0]["body"]["messages"] == [{"role": "user", "content": "Q&A about p1: Some text."}]
     assert read_jsonl(out)[0]["prompt"] == "qa"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "x", "user": "{document} and {title}"}))
     with pytest.raises(SystemExit):
-        run_main(monkeypatch, "--input", inp, "--out", out, "--endpoint", url, "--prompt-file", str(bad))
+        run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--prompt_file", str(bad))
     assert "unknown field(s) {title}" in capfd.readouterr().err
 
 
@@ -383,9 +427,195 @@ def test_malformed_input_line_names_file_and_line(tmp_path, server, monkeypatch,
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"\n')
     with pytest.raises(SystemExit):
-        run_main(monkeypatch, "--input", str(inp), "--out", str(tmp_path / "o.jsonl"), "--endpoint", url)
+        run_main(monkeypatch, "--input", str(inp), "--out_jsonl", str(tmp_path / "o.jsonl"), "--endpoint", url)
     assert f"{inp}:3: malformed JSON" in capfd.readouterr().err
     inp.write_text('{"id": 1, "text": "x"}\n')
     with pytest.raises(SystemExit):
-        run_main(monkeypatch, "--input", str(inp), "--out", str(tmp_path / "o.jsonl"), "--endpoint", url)
+        run_main(monkeypatch, "--input", str(inp), "--out_jsonl", str(tmp_path / "o.jsonl"), "--endpoint", url)
     assert f"{inp}:1: field 'id' must be str, got int 1" in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------- failing loudly, exit codes
+
+def cli(*argv, env=None, key=KEY, timeout=60):
+    """Run generate.py as a subprocess; returns (returncode, stdout, stderr)."""
+    env = dict(os.environ, NANOSYNTH_TEST_KEY=key, **(env or {}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", "test-model",
+                           "--api_key_env", "NANOSYNTH_TEST_KEY", "--backoff_base", "0.01", *argv],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(rc, stderr, *expected, alone=True):
+    """Exit status 2 and one line "error: ..." on stderr: alone, or (an error in mid-run) last."""
+    assert rc == 2 and "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert lines[-1].startswith("error: ") and stderr.endswith("\n") and stderr.count("error: ") == 1, stderr
+    assert len(lines) == 1 or not alone, stderr
+    for text in expected:
+        assert text in lines[-1], stderr
+
+
+def free_port():
+    with socket.socket() as s:  # bound to an ephemeral port, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_endpoint_down_or_not_openai_fails_at_start(tmp_path, server):
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "a", "text": "Some text."}])
+    out = str(tmp_path / "o.jsonl")
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    html, html_url = server(handler=HTMLHandler)
+    for url, expected in ((down, "cannot connect (Connection refused)"),
+                          (html_url, "not an OpenAI-compatible server: GET " + html_url + "/models answered an HTML page")):
+        t0 = time.time()
+        rc, _, err = cli("--input", inp, "--out_jsonl", out, "--endpoint", url, "--timeout", "600")
+        assert_one_line_error(rc, err, f"error: --endpoint {url}: ", expected)
+        assert time.time() - t0 < 10  # not a request timeout, nor retries with backoff
+    assert html.log == [] and not os.path.exists(out)  # no request was sent
+
+
+def test_server_without_models_route(tmp_path, server, monkeypatch, capfd):
+    # an OpenAI server without /models (404): accepted, and the run completes
+    srv, url = server(models=False)
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": f"Text {i}."} for i in range(3)])
+    stats = run_main(monkeypatch, "--input", inp, "--out_jsonl", str(tmp_path / "a.jsonl"), "--endpoint", url,
+                     "--G", "2")
+    assert stats["done"] == 6 and len(srv.log) == 6
+    # a web server without /models whose replies are HTML pages: stopped at its first reply
+    html, html_url = server(models=False, handler=HTMLHandler)
+    t0 = time.time()
+    rc, _, err = cli("--input", inp, "--out_jsonl", str(tmp_path / "b.jsonl"), "--endpoint", html_url,
+                     "--concurrency", "2")
+    assert_one_line_error(rc, err, f"error: --endpoint {html_url}: not an OpenAI-compatible server: it has no "
+                          "/models and its first reply is not an OpenAI JSON body ('<!DOCTYPE html>", alone=False)
+    assert time.time() - t0 < 10 and 1 <= len(html.log) <= 2  # no retries: at most one request per worker
+    assert not os.path.exists(tmp_path / "b.jsonl") and not os.path.exists(tmp_path / "b.failures.jsonl")
+
+
+def test_failures_file_lists_only_what_is_missing(tmp_path, server):
+    srv, url = server()
+    ids = ["ok", "e500", "dead"]  # e500 fails twice per generation, then works; dead fails until healed
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": i, "text": f"About {i}. [[{i}]]"} for i in ids])
+    out, failures = str(tmp_path / "o.jsonl"), str(tmp_path / "o.failures.jsonl")
+    args = ("--input", inp, "--out_jsonl", out, "--endpoint", url, "--G", "2", "--max_tries", "2")
+    rc, _, err = cli(*args)
+    assert rc == 1 and "4 generations are missing" in err, err
+    assert sorted((f["source_id"], f["index"]) for f in read_jsonl(failures)) == \
+        [("dead", 0), ("dead", 1), ("e500", 0), ("e500", 1)]
+    partial = b'{"source_id": "dead", "kind": "reph'
+    with open(failures, "ab") as f:  # as if the run had died writing a failure
+        f.write(partial)
+    rc, _, err = cli(*args)  # e500 now succeeds: its old failures go; dead's are listed once each
+    assert rc == 1 and f"{failures}: removed a partial last line ({len(partial)} bytes)" in err, err
+    fails = read_jsonl(failures)
+    assert sorted((f["source_id"], f["index"]) for f in fails) == [("dead", 0), ("dead", 1)]
+    assert {f["error"] for f in fails} == {"HTTP 503: server hiccup"}
+    srv.healed.add("dead")
+    rc, _, err = cli(*args)
+    assert rc == 0 and "2 generations to write" in err and "missing" not in err, err
+    assert not os.path.exists(failures)  # nothing missing: no failures file
+    check_complete(out, ids)
+
+
+def test_truncated_generations_are_kept_or_sampled_again(tmp_path, server, monkeypatch, capfd):
+    srv, url = server()
+    ids = ["a", "b", "c"]
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "a", "text": "Fine."}] +
+                     [{"id": i, "text": f"Long {i}. [[length]]"} for i in ("b", "c")])
+    out = str(tmp_path / "o.jsonl")
+    args = ("--input", inp, "--out_jsonl", out, "--endpoint", url, "--G", "2")
+    stats = run_main(monkeypatch, *args, "--keep_truncated")
+    recs = read_jsonl(out)
+    assert stats["done"] == 6 and len(srv.log) == 6  # kept at once: no second samples
+    assert sorted(r["source_id"] for r in recs if r["finish_reason"] == "length") == ["b", "b", "c", "c"]
+    stats = run_main(monkeypatch, *args, "--keep_truncated")  # kept records count as done
+    assert stats["total"] == 0 and len(srv.log) == 6
+    # a cut record of a document this run does not sample (not in --input) is left alone
+    orphan = json.dumps(dict(recs[0], id="zz/rephrase/0", source_id="zz", index=0, finish_reason="length")) + "\n"
+    with open(out, "a") as f:
+        f.write(orphan)
+    kept = [line for line in open(out) if '"source_id": "a"' in line]
+    capfd.readouterr()
+    srv.healed.add("length")
+    stats = run_main(monkeypatch, *args)  # by default, cut records are not done: sampled again and replaced
+    err = capfd.readouterr().err
+    assert f"[generate] removed 4 generations cut at the length limit from {out}: this run samples them again" in err
+    assert stats["total"] == 4 and stats["done"] == 4 and len(srv.log) == 10
+    lines = open(out).readlines()
+    assert lines[:3] == kept + [orphan]  # the other lines as they were, in their order
+    recs = read_jsonl(out)
+    assert {r["finish_reason"] for r in recs if r["source_id"] != "zz"} == {"stop"}
+    count = collections.Counter((r["source_id"], r["kind"], r["index"]) for r in recs)
+    assert set(count.values()) == {1}  # no duplicate that pack.py would refuse
+    assert set(count) == {(i, "rephrase", g) for i in ids for g in range(2)} | {("zz", "rephrase", 0)}
+
+
+def test_api_key_whitespace_is_stripped_and_bad_keys_never_leak(tmp_path, server):
+    srv, url = server()
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "a", "text": "Text."}])
+    out = str(tmp_path / "o.jsonl")
+    rc, stdout, stderr = cli("--input", inp, "--out_jsonl", out, "--endpoint", url, "--G", "1", key=KEY + "\n")
+    assert rc == 0, stderr
+    assert {e["auth"] for e in srv.log} == {f"Bearer {KEY}"}  # read from a file: the newline is dropped
+    for bad in (KEY[:10] + "\x01" + KEY[10:], KEY[:10] + "\n" + KEY[10:], KEY[:10] + "\u00e9" + KEY[10:]):
+        out = str(tmp_path / "bad.jsonl")
+        rc, stdout, stderr = cli("--input", inp, "--out_jsonl", out, "--endpoint", url, "--G", "1", key=bad)
+        assert_one_line_error(rc, stderr, "error: the API key in $NANOSYNTH_TEST_KEY has a character that an "
+                              "HTTP header cannot carry", "at position 10")
+        for part in (KEY[:10], KEY[10:]):
+            assert part not in stdout + stderr
+        assert not os.path.exists(out)
+    assert len(srv.log) == 1  # nothing was sent with a bad key
+
+
+def test_one_line_errors(tmp_path, server):
+    _, url = server()
+    good = write_docs(tmp_path / "good.jsonl", [{"id": "a", "text": "Text."}])
+    bad_utf8 = tmp_path / "latin1.jsonl"  # a long first line: text mode decodes in blocks of 8 KiB
+    bad_utf8.write_bytes(json.dumps({"id": "a", "text": "x" * 20000}).encode() + b"\n\n" +
+                         '{"id": "b", "text": "caf\u00e9"}\n'.encode("latin-1") + b'{"id": "c", "text": "d"}\n')
+    empty, blank = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl"
+    empty.write_text("")
+    blank.write_text("\n  \n")
+    out = str(tmp_path / "o.jsonl")
+    io = ("--input", good, "--out_jsonl", out)
+    cases = [
+        (("--input", str(tmp_path / "nope.jsonl"), "--out_jsonl", out, "--endpoint", url),
+         f"error: --input {tmp_path / 'nope.jsonl'}: No such file or directory"),
+        (("--input", str(tmp_path), "--out_jsonl", out, "--endpoint", url), f"error: --input {tmp_path}: Is a directory"),
+        (("--input", str(bad_utf8), "--out_jsonl", out, "--endpoint", url),
+         f"error: {bad_utf8}:3: not UTF-8 text (byte 0xe9 at byte 25 of the line)"),
+        (("--input", str(empty), "--out_jsonl", out, "--endpoint", url), f"error: {empty}: no documents"),
+        (("--input", str(blank), "--out_jsonl", out, "--endpoint", url), f"error: {blank}: no documents"),
+        ((*io, "--endpoint", url, "--timeout", "0"), "error: --timeout must be > 0 seconds, got 0"),
+        ((*io, "--endpoint", url, "--timeout", "-5"), "error: --timeout must be > 0 seconds, got -5"),
+        ((*io, "--endpoint", "127.0.0.1:8000/v1"), "error: --endpoint '127.0.0.1:8000/v1': expected an http:// or "
+                                                   "https:// URL like http://127.0.0.1:8000/v1"),
+        ((*io, "--endpoint", "ftp://127.0.0.1/v1"), "error: --endpoint 'ftp://127.0.0.1/v1': expected an http://"),
+        ((*io, "--endpoint", url, "--tokenizer", str(tmp_path / "no.tiktoken")),
+         f"error: --tokenizer {tmp_path / 'no.tiktoken'}: tokenizer ranks file not found"),
+        ((*io, "--endpoint", url, "--G", "0"), "error: --G must be >= 1"),
+        # the old spellings are gone (and no prefix of a new name is taken for it)
+        ((*io, "--endpoint", url, "--max-new-tokens", "5"), "error: unrecognized arguments: --max-new-tokens 5"),
+        (("--input", good, "--out", out, "--endpoint", url), "error: the following arguments are required: --out_jsonl"),
+    ]
+    env = dict(os.environ, NANOSYNTH_TEST_KEY=KEY)
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--model", "m", "--api_key_env",
+                               "NANOSYNTH_TEST_KEY", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for argv, _ in cases]  # all at once: each spends most of its time starting
+    for proc, (argv, expected) in zip(procs, cases):
+        stdout, stderr = proc.communicate(timeout=60)
+        assert_one_line_error(proc.returncode, stderr, expected)
+        assert stdout == ""
+    assert not os.path.exists(out)
+
+
+def test_help_prints_the_usage_examples():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "--out_jsonl synth/rephrase.jsonl \\\n      --endpoint http://127.0.0.1:8000/v1" in proc.stdout
+    actions = [a for a in generate.arg_parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert all(a.help for a in actions)  # every flag is explained
+    assert [s for a in actions for s in a.option_strings if "-" in s[2:]] == []  # underscores only
