@@ -64,9 +64,9 @@ def main():
             with open(inp, "w") as f:
                 for i in range(args.requests):
                     f.write(json.dumps({"id": f"doc{i}", "text": f"Document {i}. It is short but it is real text."}) + "\n")
-            stats = generate.main(["--input", inp, "--out", os.path.join(tmp, "out.jsonl"), "--endpoint", url,
+            stats = generate.main(["--input", inp, "--out_jsonl", os.path.join(tmp, "out.jsonl"), "--endpoint", url,
                                    "--model", "bench", "--G", "1", "--concurrency", str(args.concurrency),
-                                   "--progress-every", "2"])
+                                   "--progress_every", "2"])
     finally:
         server.terminate()
         server.wait()

@@ -85,9 +85,9 @@ def main():
         if os.path.exists(out):
             os.remove(out)
         server = serve(kind, answers, documents, enc)
-        generate.main(["--input", inputs, "--out", out, "--endpoint", f"http://127.0.0.1:{server.server_port}/v1",
+        generate.main(["--input", inputs, "--out_jsonl", out, "--endpoint", f"http://127.0.0.1:{server.server_port}/v1",
                        "--model", MODEL, "--kind", kind, "--G", str(G), "--concurrency", "4",
-                       "--progress-every", "60"])
+                       "--progress_every", "60"])
         server.shutdown()
         os.remove(inputs)
         failures = re.sub(r"\.jsonl$", "", out) + ".failures.jsonl"
