@@ -126,9 +126,10 @@ def test_self_distill_end_to_end(server, tmp_path, monkeypatch, capfd):
     inp.write_text("".join(json.dumps(d) + "\n" for d in docs))
     monkeypatch.setenv("SERVE_TEST_KEY", KEY)
     common = ["--input", str(inp), "--endpoint", server, "--model", "nanosynth", "--kind", "self-distill",
-              "--api-key-env", "SERVE_TEST_KEY", "--G", "3", "--max-new-tokens", "8", "--concurrency", "2"]
+              "--api_key_env", "SERVE_TEST_KEY", "--G", "3", "--max_new_tokens", "8", "--concurrency", "2",
+              "--keep_truncated"]  # 8 tokens: most samples stop at the length limit; keep them as they are
     out = tmp_path / "sd.jsonl"
-    stats = generate.main(common + ["--out", str(out), "--prefix-tokens", "4", "--n-per-request", "2"])
+    stats = generate.main(common + ["--out_jsonl", str(out), "--prefix_tokens", "4", "--n_per_request", "2"])
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert stats["done"] == 9 and stats["requests"] == 6  # per document: n=2 then n=1
     assert sorted((r["source_id"], r["index"]) for r in recs) == [(d["id"], i) for d in docs for i in range(3)]
@@ -141,7 +142,7 @@ def test_self_distill_end_to_end(server, tmp_path, monkeypatch, capfd):
         assert r["finish_reason"] in ("length", "stop")
     # unconditional: BOS only, the text is the continuation alone
     out0 = tmp_path / "sd0.jsonl"
-    generate.main(common + ["--out", str(out0), "--prefix-tokens", "0", "--G", "1"])
+    generate.main(common + ["--out_jsonl", str(out0), "--prefix_tokens", "0", "--G", "1"])
     recs0 = [json.loads(line) for line in out0.read_text().splitlines()]
     assert len(recs0) == 3 and all(r["prompt"] == "unconditional" and r["usage"]["prompt_tokens"] == 1 for r in recs0)
     cap = capfd.readouterr()
