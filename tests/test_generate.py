@@ -4,7 +4,7 @@ length-truncated outputs, malformed JSON, a 400), servers that are down, answer 
 /models, resume after SIGKILL and Ctrl-C, truncated generations sampled again and replaced, the
 failures file kept to what is still missing, shards and several endpoints, latent-thought cuts,
 prompt files, one-line errors with exit codes, and that the API key never leaks.
-Run: python -m pytest -q tests/test_generate.py   (about 40 seconds on 2 CPU cores)"""
+Run: python -m pytest -q tests/test_generate.py   (about half a minute on 2 CPU cores)"""
 
 import collections
 import json
