@@ -14,6 +14,10 @@ API (the subset generate.py uses)
                           "finish_reason"}], "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
   A choice stops ("stop") when the model emits the BOS/<|endoftext|> token, else at max_tokens ("length").
   Every prompt starts with BOS, as every training document does.
+  n is at most 128; prompt + max_tokens must fit in the model's context. Anything else gets a 4xx
+  reply with an OpenAI-style error body:
+  400 for a bad value or a body that is not strict JSON (NaN and Infinity are not JSON), 404 for
+  another model name, 411/413 for a missing or too large Content-Length (limit 4 MB).
 
 Reads the checkpoint train.py writes (torch.save of {"model": state_dict, "model_config": GPTConfig
 fields, "tokenizer": spec for tokenizer.load_tokenizer}); writes nothing. One request samples at a time
@@ -40,7 +44,9 @@ def load_checkpoint(path, device="cpu"):
     return model, enc, bos
 
 
-class BadRequest(Exception):
+class BadRequest(ValueError):
+    """A request the server refuses, answered with HTTP status `code` and `message`. A ValueError, so
+    callers that caught read_json's ValueError still do."""
     def __init__(self, message, code=400):
         super().__init__(message)
         self.code = code
@@ -105,20 +111,61 @@ def complete(srv, req):
             "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
 
 
+def no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")  # Python's json would read NaN, Infinity, -Infinity
+
+
 class JSONHandler(BaseHTTPRequestHandler):
     """The HTTP side of an OpenAI-style server: JSON request bodies in, JSON replies out, HTTP/1.1
     keep-alive as real servers do. This server's Handler, sample_data/replay.py and the test and
-    benchmark servers are all built on it. Requests are logged unless the server's `quiet` is set."""
+    benchmark servers are all built on it. Requests are logged unless the server's `quiet` is set.
+    A body read_json refuses is answered with its 4xx here, whether or not do_POST catches it; a
+    client that hangs up is dropped without a traceback."""
     protocol_version = "HTTP/1.1"   # keep-alive: clients reuse their connections
     disable_nagle_algorithm = True  # else headers and body go out in two packets: +40 ms (delayed ACK)
+    max_body = 4 << 20              # bytes; a prompt is a few KB, a chat request with a whole document tens of KB
+
+    def handle_one_request(self):
+        try:
+            try:
+                super().handle_one_request()
+            except BadRequest as e:  # from read_json, in a do_POST that lets it through
+                self.error(e.code, str(e))
+        except ConnectionError as e:  # the client hung up, maybe before our answer: not the server's error
+            self.log_error("client went away: %r", e)
+            self.close_connection = True
 
     def log_message(self, fmt, *args):
         if not getattr(self.server, "quiet", True):
             super().log_message(fmt, *args)
 
     def read_json(self):
-        """The request body parsed as JSON (ValueError if it is not JSON)."""
-        return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        """The request body parsed as strict JSON. Raises BadRequest (a ValueError) for a body that is
+        not JSON, holds NaN or Infinity, or nests too deeply, and for a missing, malformed or too large
+        Content-Length."""
+        # until the whole body is in, we cannot tell where a next request on this connection would start
+        was_closing, self.close_connection = self.close_connection, True
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise BadRequest("bad request: a Content-Length header is required", 411)
+        if not (length.isascii() and length.isdigit()):  # int() would also take "-5", " 5", "5_0"
+            raise BadRequest(f"bad request: Content-Length {length!r} is not a byte count")
+        if len(length) > 18 or int(length) > self.max_body:  # int() refuses strings of over 4300 digits
+            raise BadRequest(f"bad request: a body of {length} bytes is over the limit of {self.max_body}", 413)
+        length = int(length)
+        body = bytearray()
+        while len(body) < length:
+            chunk = self.rfile.read1(length - len(body))
+            if not chunk:
+                raise BadRequest(f"bad request: the body ended after {len(body)} of {length} bytes")
+            body += chunk
+        self.close_connection = was_closing
+        try:
+            return json.loads(body, parse_constant=no_constant)
+        except RecursionError:  # json.loads recurses once per level of [ or {
+            raise BadRequest("bad request: body is not valid JSON: nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, NaN/Infinity, bytes that are not UTF-8
+            raise BadRequest(f"bad request: body is not valid JSON: {e}") from None
 
     def reply(self, code, obj=None, raw=None, headers=()):
         """Send `obj` as JSON (or the bytes `raw` as they are) with status `code`."""
@@ -132,8 +179,9 @@ class JSONHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def error(self, code, message):
-        """An OpenAI-style error body."""
-        self.reply(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
+        """An OpenAI-style error body; tells the client when this connection is about to close."""
+        self.reply(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}},
+                   headers=[("Connection", "close")] if self.close_connection else ())
 
 
 class Handler(JSONHandler):
@@ -144,20 +192,18 @@ class Handler(JSONHandler):
         self.error(404, f"no route GET {self.path}")
 
     def do_POST(self):
-        try:
-            body = self.read_json()
-        except ValueError as e:
-            return self.error(400, f"bad request: {e}")
+        body = self.read_json()  # a bad body raises BadRequest, which JSONHandler answers (4xx)
         if self.path.rstrip("/") != "/v1/completions":
             return self.error(404, f"no route POST {self.path} (this server has /v1/completions only)")
         try:
-            self.reply(200, complete(self.server, body))
-        except ValueError as e:  # a value the sampler refuses
-            self.error(400, f"bad request: {e}")
+            out = complete(self.server, body)
         except BadRequest as e:
-            self.error(e.code, str(e))
+            return self.error(e.code, str(e))
+        except ValueError as e:  # a value the sampler refuses
+            return self.error(400, f"bad request: {e}")
         except Exception as e:  # report, and keep serving
-            self.error(500, f"{type(e).__name__}: {e}")
+            return self.error(500, f"{type(e).__name__}: {e}")
+        self.reply(200, out)
 
 
 def make_server(model, enc, bos, host="127.0.0.1", port=8000, name="nanosynth", device="cpu", quiet=False):

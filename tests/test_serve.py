@@ -1,14 +1,20 @@
 """Tests for serve.py, the self-distillation server: a tiny random GPT (GPT-2 vocabulary, 2 layers,
-width 32) behind a real HTTP server on 127.0.0.1, queried with requests and end to end by
-generate.py --kind self-distill.
+width 32) behind a real HTTP server on 127.0.0.1 (ephemeral ports), queried with requests, with raw
+http.client / socket requests where requests would not send the malformation, end to end by
+generate.py --kind self-distill, and as a `python serve.py` subprocess.
 Run: python -m pytest -q tests/test_serve.py   (about ten seconds on 2 CPU cores)"""
 
 import dataclasses
+import http.client
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
+from http.server import ThreadingHTTPServer
 
 import pytest
 import requests
@@ -33,18 +39,27 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def start(model, enc, bos):
-    srv = serve.make_server(model, enc, bos, port=0, quiet=True)
+def start(model, enc, bos, **kw):
+    srv = serve.make_server(model, enc, bos, port=0, quiet=True, **kw)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
 
 
-@pytest.fixture(scope="module")
-def server(ckpt):
-    srv, url = start(*serve.load_checkpoint(ckpt))
-    yield url
+def stop(srv):
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    return serve.load_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    srv, url = start(*loaded)
+    yield url
+    stop(srv)
 
 
 def post(url, **body):
@@ -80,6 +95,137 @@ def test_errors(server):
     r = requests.post(server + "/completions", data=b"{nope", timeout=10)
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("bad request")
     assert requests.post(server + "/chat/completions", json={}, timeout=10).status_code == 404
+
+
+def raw(url, body=None, headers=(), path="/v1/completions"):
+    """POST by http.client, which sends the body and headers exactly as given (requests would fix or
+    refuse them). (status, error message or None, Connection header)."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(url.split(":")[2].split("/")[0]), timeout=10)
+    try:
+        conn.putrequest("POST", path)
+        for k, v in headers:
+            conn.putheader(k, v)
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read()).get("error", {}).get("message"), r.getheader("Connection")
+    finally:
+        conn.close()
+
+
+def raw_json(url, text):
+    return raw(url, text.encode(), [("Content-Type", "application/json"), ("Content-Length", str(len(text)))])
+
+
+class EchoHandler(serve.JSONHandler):
+    """A server built on JSONHandler that, like replay.py's and the test servers, does not catch
+    read_json's errors itself."""
+    def do_POST(self):
+        self.reply(200, {"type": type(self.read_json()).__name__})
+
+
+def test_deeply_nested_json(server):
+    deep = b"[" * 100_000  # json.loads raises RecursionError on it
+    r = requests.post(server + "/completions", data=deep, timeout=10)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "bad request: body is not valid JSON: nested too deeply"
+    echo = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    threading.Thread(target=echo.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{echo.server_address[1]}/v1"
+    try:
+        assert requests.post(url + "/x", data=b"[[1]]", timeout=10).json() == {"type": "list"}
+        r = requests.post(url + "/x", data=deep, timeout=10)
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+        assert raw_json(url, '{"t": NaN}')[:2] == (400, "bad request: body is not valid JSON: NaN is not a JSON number")
+    finally:
+        stop(echo)
+
+
+def test_bad_content_length(server):
+    # each is answered at once (the server's timeout is 30 s, the client's 10 s) and closes the
+    # connection, since the server cannot tell where the body would end
+    for length, code, want in [("abc", 400, "Content-Length 'abc' is not a byte count"),
+                               ("-5", 400, "Content-Length '-5' is not a byte count"),
+                               ("1_0", 400, "Content-Length '1_0' is not a byte count"),
+                               ("99999999999999", 413, "a body of 99999999999999 bytes is over the limit of 4194304"),
+                               ("9" * 5000, 413, "over the limit of 4194304")]:
+        t0 = time.time()
+        status, msg, connection = raw(server, headers=[("Content-Length", length)])
+        assert (status, connection) == (code, "close") and want in msg and time.time() - t0 < 5, length
+    status, msg, connection = raw(server)  # no Content-Length at all
+    assert (status, msg, connection) == (411, "bad request: a Content-Length header is required", "close")
+    # a body shorter than promised, the client then done sending
+    with socket.create_connection(("127.0.0.1", int(server.split(":")[2].split("/")[0])), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        s.shutdown(socket.SHUT_WR)
+        reply = read_all(s)
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"the body ended after 11 of 100 bytes" in reply
+
+
+def test_client_hangs_up_mid_body(server, capfd):
+    """A client gone before the server could answer is no error of the server's: no traceback."""
+    before = handler_threads()
+    for reset in (False, True):
+        s = socket.create_connection(("127.0.0.1", int(server.split(":")[2].split("/")[0])), timeout=10)
+        if reset:  # close with a RST, so the server's read fails rather than ends
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        time.sleep(0.1)  # the server is reading the body
+        s.close()
+    time.sleep(0.1)
+    for t in handler_threads() - before:
+        t.join(timeout=5)
+    assert "Traceback" not in capfd.readouterr().err
+    assert post(server, prompt="x", max_tokens=2).status_code == 200
+
+
+def read_all(s):
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def handler_threads():
+    return {t for t in threading.enumerate() if "process_request_thread" in t.name}
+
+
+def test_keep_alive(loaded):
+    srv, url = start(*loaded)
+    accepted = []
+    accept = srv.get_request
+    srv.get_request = lambda: accepted.append(1) or accept()  # count the connections the server takes
+    try:
+        # generate.py's client: a requests.Session reuses one connection for all its requests
+        with requests.Session() as s:
+            for seed in range(3):
+                r = s.post(url + "/completions", json={"prompt": "Hi", "max_tokens": 2, "seed": seed}, timeout=10)
+                assert r.status_code == 200 and r.headers.get("Connection") != "close"
+            assert s.post(url + "/completions", data=b"{nope", timeout=10).status_code == 400  # body read whole: kept
+            assert s.get(url + "/models", timeout=10).status_code == 200
+        assert len(accepted) == 1
+        # a bad Content-Length closes it (the rest of the stream is not a request); the next one reconnects
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=10)
+        conn.request("GET", "/v1/models")
+        assert conn.getresponse().read() and conn.sock is not None
+        sock = conn.sock
+        conn.request("POST", "/v1/completions", body=b'{"prompt": "Hi", "max_tokens": 2}')
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 2 and conn.sock is sock
+        conn.request("POST", "/v1/completions", headers={"Content-Length": "x"})
+        r = conn.getresponse()
+        assert (r.status, r.getheader("Connection")) == (400, "close")
+        r.read()
+        assert conn.sock is None  # http.client closed it, as the server asked
+        conn.close()
+        assert len(accepted) == 2
+    finally:
+        stop(srv)
 
 
 class StubModel:
