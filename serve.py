@@ -18,6 +18,8 @@ API (the subset generate.py uses)
   reply with an OpenAI-style error body:
   400 for a bad value or a body that is not strict JSON (NaN and Infinity are not JSON), 404 for
   another model name, 411/413 for a missing or too large Content-Length (limit 4 MB).
+  A client that stalls for --timeout seconds mid-request (or idles that long on a kept-alive
+  connection) is dropped, so it cannot hold a server thread.
 
 Reads the checkpoint train.py writes (torch.save of {"model": state_dict, "model_config": GPTConfig
 fields, "tokenizer": spec for tokenizer.load_tokenizer}); writes nothing. One request samples at a time
@@ -25,6 +27,7 @@ fields, "tokenizer": spec for tokenizer.load_tokenizer}); writes nothing. One re
 """
 import argparse
 import json
+import math
 import threading
 import time
 import uuid
@@ -120,15 +123,21 @@ class JSONHandler(BaseHTTPRequestHandler):
     keep-alive as real servers do. This server's Handler, sample_data/replay.py and the test and
     benchmark servers are all built on it. Requests are logged unless the server's `quiet` is set.
     A body read_json refuses is answered with its 4xx here, whether or not do_POST catches it; a
-    client that hangs up is dropped without a traceback."""
+    client that stalls for `timeout` seconds, or hangs up, is dropped without a traceback."""
     protocol_version = "HTTP/1.1"   # keep-alive: clients reuse their connections
     disable_nagle_algorithm = True  # else headers and body go out in two packets: +40 ms (delayed ACK)
+    timeout = 30.0                  # seconds a client may stall or idle; a server's client_timeout overrides it
     max_body = 4 << 20              # bytes; a prompt is a few KB, a chat request with a whole document tens of KB
+
+    def setup(self):
+        # not server.timeout: socketserver already uses that name for handle_request's wait
+        self.timeout = getattr(self.server, "client_timeout", self.timeout)
+        super().setup()  # puts the timeout on the socket: a read or write that stalls raises TimeoutError
 
     def handle_one_request(self):
         try:
             try:
-                super().handle_one_request()
+                super().handle_one_request()  # ends the connection itself on TimeoutError
             except BadRequest as e:  # from read_json, in a do_POST that lets it through
                 self.error(e.code, str(e))
         except ConnectionError as e:  # the client hung up, maybe before our answer: not the server's error
@@ -142,7 +151,8 @@ class JSONHandler(BaseHTTPRequestHandler):
     def read_json(self):
         """The request body parsed as strict JSON. Raises BadRequest (a ValueError) for a body that is
         not JSON, holds NaN or Infinity, or nests too deeply, and for a missing, malformed or too large
-        Content-Length."""
+        Content-Length; TimeoutError (which drops the connection) if the body takes longer than
+        `timeout` seconds to arrive, even if it comes a byte at a time."""
         # until the whole body is in, we cannot tell where a next request on this connection would start
         was_closing, self.close_connection = self.close_connection, True
         length = self.headers.get("Content-Length")
@@ -153,8 +163,12 @@ class JSONHandler(BaseHTTPRequestHandler):
         if len(length) > 18 or int(length) > self.max_body:  # int() refuses strings of over 4300 digits
             raise BadRequest(f"bad request: a body of {length} bytes is over the limit of {self.max_body}", 413)
         length = int(length)
+        # the socket timeout bounds each read; this deadline bounds them all, so dribbling does not pay
+        deadline = time.monotonic() + (self.timeout if self.timeout is not None else math.inf)
         body = bytearray()
         while len(body) < length:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"request body not received within {self.timeout} s")
             chunk = self.rfile.read1(length - len(body))
             if not chunk:
                 raise BadRequest(f"bad request: the body ended after {len(body)} of {length} bytes")
@@ -206,11 +220,14 @@ class Handler(JSONHandler):
         self.reply(200, out)
 
 
-def make_server(model, enc, bos, host="127.0.0.1", port=8000, name="nanosynth", device="cpu", quiet=False):
-    """A ThreadingHTTPServer (not yet serving: call serve_forever) for one model."""
+def make_server(model, enc, bos, host="127.0.0.1", port=8000, name="nanosynth", device="cpu", quiet=False,
+                timeout=JSONHandler.timeout):
+    """A ThreadingHTTPServer (not yet serving: call serve_forever) for one model. timeout: seconds a
+    client may stall mid-request or idle between requests before its connection is dropped."""
     srv = ThreadingHTTPServer((host, port), Handler)
     srv.daemon_threads = True
     srv.model, srv.enc, srv.bos, srv.name, srv.device, srv.quiet = model, enc, bos, name, device, quiet
+    srv.client_timeout = timeout
     srv.lock = threading.Lock()
     return srv
 
@@ -222,10 +239,15 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
     p.add_argument("--model-name", default="nanosynth", help="the name clients pass as model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--timeout", type=float, default=JSONHandler.timeout,
+                   help="seconds a client may stall mid-request or idle between requests before it is dropped")
     p.add_argument("--quiet", action="store_true", help="do not log every request")
     args = p.parse_args(argv)
+    if not args.timeout > 0:
+        p.error("--timeout must be > 0")
     model, enc, bos = load_checkpoint(args.ckpt, args.device)
-    srv = make_server(model, enc, bos, args.host, args.port, args.model_name, args.device, args.quiet)
+    srv = make_server(model, enc, bos, args.host, args.port, args.model_name, args.device, args.quiet,
+                      args.timeout)
     print(f"serving {args.ckpt} as model {args.model_name!r} on http://{args.host}:{srv.server_address[1]}/v1 "
           f"(context {model.config.block_size} tokens, {args.device})", flush=True)
     try:

@@ -195,6 +195,59 @@ def handler_threads():
     return {t for t in threading.enumerate() if "process_request_thread" in t.name}
 
 
+def test_stalled_clients_are_dropped(loaded):
+    srv, url = start(*loaded, timeout=0.5)
+    port = srv.server_address[1]
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    dropped = {}
+
+    def stall(kind):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        t0 = time.time()
+        try:
+            if kind == "headers then nothing":
+                s.sendall(head)
+            if kind == "dribbled body":  # a byte every 0.1 s: each read is quick, the whole would take 100 s
+                s.sendall(head)
+                s.settimeout(0.1)
+                for _ in range(100):
+                    try:
+                        s.sendall(b" ")
+                        if s.recv(1) == b"":
+                            break  # closed by the server
+                    except TimeoutError:
+                        pass
+                    except OSError:
+                        break  # reset by the server
+            s.settimeout(10)
+            read_all(s)  # returns when the server closes the connection
+            dropped[kind] = time.time() - t0
+        finally:
+            s.close()
+    before = handler_threads()
+    kinds = ["connect and nothing", "headers then nothing", "dribbled body"]
+    clients = [threading.Thread(target=stall, args=(k,)) for k in kinds]
+    try:
+        for c in clients:
+            c.start()
+        time.sleep(0.2)
+        stalled = handler_threads() - before
+        assert len(stalled) == 3
+        # meanwhile the server answers others
+        r = post(url, prompt="Hi", max_tokens=3, seed=0)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        for c in clients:
+            c.join(timeout=10)
+        assert sorted(dropped) == sorted(kinds) and all(0.4 < t < 3 for t in dropped.values()), dropped
+        for t in stalled:
+            t.join(timeout=5)
+            assert not t.is_alive()  # the handler threads ended, not just the sockets
+        r = post(url, prompt="Hi", max_tokens=3, seed=0)
+        assert r.status_code == 200
+    finally:
+        stop(srv)
+
+
 def test_keep_alive(loaded):
     srv, url = start(*loaded)
     accepted = []
