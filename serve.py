@@ -10,12 +10,13 @@ Run
 API (the subset generate.py uses)
   GET  /v1/models        the one model, named by --model-name
   POST /v1/completions   {"model", "prompt": str ("" = BOS only), "max_tokens" (16), "temperature" (1.0),
-                          "top_k" (none), "n" (1), "seed" (random)} -> {"choices": [{"index", "text",
-                          "finish_reason"}], "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+                          "top_k" (none), "top_p" (1 only), "n" (1), "seed" (random)} -> {"choices":
+                          [{"index", "text", "finish_reason"}], "usage": {"prompt_tokens",
+                          "completion_tokens", "total_tokens"}}
   A choice stops ("stop") when the model emits the BOS/<|endoftext|> token, else at max_tokens ("length").
   Every prompt starts with BOS, as every training document does.
-  n is at most 128; prompt + max_tokens must fit in the model's context. Anything else gets a 4xx
-  reply with an OpenAI-style error body:
+  temperature is 0 (greedy) or between 0.01 and 100; n is at most 128; prompt + max_tokens must fit
+  in the model's context. Anything else gets a 4xx reply with an OpenAI-style error body:
   400 for a bad value or a body that is not strict JSON (NaN and Infinity are not JSON), 404 for
   another model name, 411/413 for a missing or too large Content-Length (limit 4 MB).
   A client that stalls for --timeout seconds mid-request (or idles that long on a kept-alive
@@ -39,6 +40,10 @@ from tokenizer import load_tokenizer
 from model import load_model
 
 CHUNK = 64  # tokens sampled per model.generate call; between calls we stop if every choice has ended
+# temperature is 0 (greedy) or in this range. float32 logits / temperature only give NaN probabilities
+# far outside it (below about 1e-40 or above float32's 3e38, e.g. 1e308), but below 0.01 sampling is
+# greedy in all but name and above 100 it is uniform noise: such values are more likely mistakes.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 
 def load_checkpoint(path, device="cpu"):
@@ -89,14 +94,23 @@ def complete(srv, req):
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string")
     max_tokens, n, top_k, seed = req.get("max_tokens", 16), req.get("n", 1), req.get("top_k"), req.get("seed")
-    temperature = req.get("temperature", 1.0)
+    temperature, top_p = req.get("temperature", 1.0), req.get("top_p", 1)
     for name, v, lo in (("max_tokens", max_tokens, 1), ("n", n, 1), ("top_k", top_k, 1), ("seed", seed, 0)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
             raise BadRequest(f"{name} must be an integer >= {lo}, got {v!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise BadRequest(f"temperature must be a number >= 0, got {temperature!r}")
     if n > 128:
         raise BadRequest("n must be <= 128")
+    if seed is not None and seed >= 2**64:
+        raise BadRequest(f"seed must be < 2**64, got {seed}")  # torch.Generator's range
+    # not a number (a string, a bool) or out of range: NaN fails both comparisons, and an overflowing
+    # literal such as 1e400 (which json reads as inf) fails the upper one
+    is_number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not is_number or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise BadRequest(f"temperature must be 0 (greedy) or a number between {MIN_TEMPERATURE} and "
+                         f"{MAX_TEMPERATURE}, got {temperature!r}")
+    # nucleus sampling is not implemented: accept only the value that means "off" rather than ignore it
+    if type(top_p) not in (int, float) or top_p != 1:
+        raise BadRequest(f"top_p must be 1 (this server has no nucleus sampling; use top_k), got {top_p!r}")
     ids = [srv.bos] + srv.enc.encode_ordinary(prompt)
     block = srv.model.config.block_size
     if len(ids) + max_tokens > block:

@@ -116,6 +116,30 @@ def raw_json(url, text):
     return raw(url, text.encode(), [("Content-Type", "application/json"), ("Content-Length", str(len(text)))])
 
 
+def test_non_finite_and_out_of_range_values(server):
+    body = '{"prompt": "x", "max_tokens": 2, "temperature": %s}'
+    # NaN and Infinity are not JSON, though Python's json reads them
+    for lit in ("NaN", "Infinity", "-Infinity"):
+        status, msg, _ = raw_json(server, body % lit)
+        assert status == 400 and msg == f"bad request: body is not valid JSON: {lit} is not a JSON number"
+    # 1e400 is JSON, but Python reads it as inf; 1e308 and 1e-45 are finite but make NaN probabilities
+    for lit in ("1e400", "1e308", "1e-45", "-1", "101", '"hot"', "true"):
+        status, msg, _ = raw_json(server, body % lit)
+        assert status == 400 and msg.startswith("temperature must be 0 (greedy) or a number between 0.01 and 100"), lit
+    status, msg, _ = raw_json(server, '{"prompt": "x", "top_p": 1e400}')
+    assert status == 400 and msg == "top_p must be 1 (this server has no nucleus sampling; use top_k), got inf"
+    for bad, want in [(dict(top_p=0.9), "top_p must be 1"), (dict(top_p=True), "top_p must be 1"),
+                      (dict(seed=2**64), "seed must be < 2**64"), (dict(n=129), "n must be <= 128"),
+                      (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+                      (dict(max_tokens=2.5), "max_tokens must be an integer >= 1"), (dict(top_k=0), "top_k must be")]:
+        r = post(server, prompt="x", **{"max_tokens": 2, **bad})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(want), bad
+    # the limits themselves are allowed, and the server still samples after all of the above
+    for ok in (dict(temperature=100), dict(temperature=0.01, top_p=1), dict(temperature=0, seed=2**64 - 1)):
+        r = post(server, prompt="x", max_tokens=2, **ok)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, ok
+
+
 class EchoHandler(serve.JSONHandler):
     """A server built on JSONHandler that, like replay.py's and the test servers, does not catch
     read_json's errors itself."""
