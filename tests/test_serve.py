@@ -1,13 +1,14 @@
 """Tests for serve.py, the self-distillation server: a tiny random GPT (GPT-2 vocabulary, 2 layers,
 width 32) behind a real HTTP server on 127.0.0.1 (ephemeral ports), queried with requests, with raw
 http.client / socket requests where requests would not send the malformation, end to end by
-generate.py --kind self-distill, and as a `python serve.py` subprocess.
-Run: python -m pytest -q tests/test_serve.py   (about ten seconds on 2 CPU cores)"""
+generate.py --kind self-distill, and as `python serve.py` subprocesses for the command line.
+Run: python -m pytest -q tests/test_serve.py   (about 20 seconds on 2 CPU cores)"""
 
 import dataclasses
 import http.client
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -373,7 +374,7 @@ def test_self_distill_end_to_end(server, tmp_path, monkeypatch, capfd):
 
 def test_cli_serves_a_checkpoint(ckpt):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", ckpt, "--port", "0", "--quiet",
-                             "--model-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--model_name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving {ckpt} as model 'tiny' on http://127.0.0.1:"), proc.stderr.read()
@@ -384,3 +385,53 @@ def test_cli_serves_a_checkpoint(ckpt):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "corrupt checkpoint", "port in use", "device not here",
+                                  "not a device"])
+def test_cli_errors_are_one_line(case, ckpt, tmp_path):
+    missing, corrupt = tmp_path / "nope.pt", tmp_path / "corrupt.pt"
+    corrupt.write_bytes(open(ckpt, "rb").read()[:5000])  # a checkpoint cut short, as by a full disk
+    with socket.socket() as busy:  # a port in use: bound and listening here
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args, want = {
+            "missing checkpoint": (["--ckpt", str(missing)], f"error: {missing}: no such checkpoint"),
+            "corrupt checkpoint": (["--ckpt", str(corrupt)], f"error: {corrupt}: not a nanosynth checkpoint ("),
+            "port in use": (["--ckpt", ckpt, "--port", str(port)], f"error: cannot listen on 127.0.0.1:{port}: "),
+            # cuda:7 is missing on this CPU-only machine and on most GPU machines
+            "device not here": (["--ckpt", ckpt, "--device", "cuda:7"],
+                                "error: --device 'cuda:7' is not available here ("),
+            "not a device": (["--ckpt", ckpt, "--device", "gpu"], "error: --device 'gpu' is not a device name"),
+        }[case]
+        r = run_cli(*args) if case == "port in use" else run_cli(*args, "--port", "0")
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1 and r.stderr.startswith(want), r.stderr
+    if case == "port in use":
+        assert r.stderr.rstrip().endswith("Address already in use")
+
+
+def test_cli_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    # the docstring is the description, its usage lines as written (RawDescriptionHelpFormatter)
+    assert "\n  python serve.py --ckpt out/real/ckpt.pt --port 8000\n" in out
+    assert "\n      --input sample_data/train.jsonl --out synth/self-distill.jsonl --G 4\n" in out
+    # every flag has a help text, on its line or the next; flags use underscores
+    lines = out.split("\noptions:\n")[1].splitlines()
+    flags = [(i, line) for i, line in enumerate(lines) if line.startswith("  -")]
+    assert len(flags) == 8  # -h and the seven of serve.py
+    for i, line in flags:
+        assert re.match(r"  -.*?\S {2,}\S", line) or lines[i + 1].startswith(" " * 8), line
+    assert "--model_name" in out and "--model-name" not in out
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--ckpt", "x.pt", "--model-name", "tiny"])  # the old spelling is gone, no alias
+    assert e.value.code == 2 and "unrecognized arguments: --model-name" in capsys.readouterr().err
