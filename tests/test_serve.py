@@ -98,12 +98,12 @@ def test_errors(server):
     assert requests.post(server + "/chat/completions", json={}, timeout=10).status_code == 404
 
 
-def raw(url, body=None, headers=(), path="/v1/completions"):
+def raw(url, body=None, headers=()):
     """POST by http.client, which sends the body and headers exactly as given (requests would fix or
     refuse them). (status, error message or None, Connection header)."""
     conn = http.client.HTTPConnection("127.0.0.1", int(url.split(":")[2].split("/")[0]), timeout=10)
     try:
-        conn.putrequest("POST", path)
+        conn.putrequest("POST", "/v1/completions")
         for k, v in headers:
             conn.putheader(k, v)
         conn.endheaders(body)
@@ -287,7 +287,7 @@ def test_keep_alive(loaded):
             assert s.post(url + "/completions", data=b"{nope", timeout=10).status_code == 400  # body read whole: kept
             assert s.get(url + "/models", timeout=10).status_code == 200
         assert len(accepted) == 1
-        # a bad Content-Length closes it (the rest of the stream is not a request); the next one reconnects
+        # a bad Content-Length closes it: the rest of the stream cannot be read as a next request
         conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=10)
         conn.request("GET", "/v1/models")
         assert conn.getresponse().read() and conn.sock is not None
