@@ -1,4 +1,4 @@
-"""
+r"""
 serve.py: a small OpenAI-compatible HTTP server that samples from a nanosynth checkpoint, so that
 generate.py --kind self-distill can draw synthetic documents from a model trained on real data.
 
@@ -8,19 +8,29 @@ Run
       --input sample_data/train.jsonl --out synth/self-distill.jsonl --G 4
 
 API (the subset generate.py uses)
-  GET  /v1/models        the one model, named by --model-name
+  GET  /v1/models        the one model, named by --model_name
   POST /v1/completions   {"model", "prompt": str ("" = BOS only), "max_tokens" (16), "temperature" (1.0),
-                          "top_k" (none), "n" (1), "seed" (random)} -> {"choices": [{"index", "text",
-                          "finish_reason"}], "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+                          "top_k" (none), "top_p" (1 only), "n" (1), "seed" (random)} -> {"choices":
+                          [{"index", "text", "finish_reason"}], "usage": {"prompt_tokens",
+                          "completion_tokens", "total_tokens"}}
   A choice stops ("stop") when the model emits the BOS/<|endoftext|> token, else at max_tokens ("length").
   Every prompt starts with BOS, as every training document does.
+  temperature is 0 (greedy) or between 0.01 and 100; n is at most 128; prompt + max_tokens must fit
+  in the model's context. Anything else gets a 4xx reply with an OpenAI-style error body:
+  400 for a bad value or a body that is not strict JSON (NaN and Infinity are not JSON), 404 for
+  another model name, 411/413 for a missing or too large Content-Length (limit 4 MB).
+  A client that stalls for --timeout seconds mid-request (or idles that long on a kept-alive
+  connection) is dropped, so it cannot hold a server thread.
 
 Reads the checkpoint train.py writes (torch.save of {"model": state_dict, "model_config": GPTConfig
 fields, "tokenizer": spec for tokenizer.load_tokenizer}); writes nothing. One request samples at a time
-(the n choices of a request are one batch).
+(the n choices of a request are one batch). A checkpoint that cannot be read, a port in use or a
+device this machine does not have stop it at start with one "error: ..." line (exit code 2).
 """
 import argparse
 import json
+import math
+import sys
 import threading
 import time
 import uuid
@@ -32,6 +42,10 @@ from tokenizer import load_tokenizer
 from model import load_model
 
 CHUNK = 64  # tokens sampled per model.generate call; between calls we stop if every choice has ended
+# temperature is 0 (greedy) or in this range. float32 logits / temperature only give NaN probabilities
+# far outside it (below about 1e-40 or above float32's 3e38, e.g. 1e308), but below 0.01 sampling is
+# greedy in all but name and above 100 it is uniform noise: such values are more likely mistakes.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 
 def load_checkpoint(path, device="cpu"):
@@ -40,7 +54,9 @@ def load_checkpoint(path, device="cpu"):
     return model, enc, bos
 
 
-class BadRequest(Exception):
+class BadRequest(ValueError):
+    """A request the server refuses, answered with HTTP status `code` and `message`. A ValueError, so
+    callers that caught read_json's ValueError still do."""
     def __init__(self, message, code=400):
         super().__init__(message)
         self.code = code
@@ -80,14 +96,23 @@ def complete(srv, req):
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string")
     max_tokens, n, top_k, seed = req.get("max_tokens", 16), req.get("n", 1), req.get("top_k"), req.get("seed")
-    temperature = req.get("temperature", 1.0)
+    temperature, top_p = req.get("temperature", 1.0), req.get("top_p", 1)
     for name, v, lo in (("max_tokens", max_tokens, 1), ("n", n, 1), ("top_k", top_k, 1), ("seed", seed, 0)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
             raise BadRequest(f"{name} must be an integer >= {lo}, got {v!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise BadRequest(f"temperature must be a number >= 0, got {temperature!r}")
     if n > 128:
         raise BadRequest("n must be <= 128")
+    if seed is not None and seed >= 2**64:
+        raise BadRequest(f"seed must be < 2**64, got {seed}")  # torch.Generator's range
+    # not a number (a string, a bool) or out of range: NaN fails both comparisons, and an overflowing
+    # literal such as 1e400 (which json reads as inf) fails the upper one
+    is_number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not is_number or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise BadRequest(f"temperature must be 0 (greedy) or a number between {MIN_TEMPERATURE} and "
+                         f"{MAX_TEMPERATURE}, got {temperature!r}")
+    # nucleus sampling is not implemented: accept only the value that means "off" rather than ignore it
+    if type(top_p) not in (int, float) or top_p != 1:
+        raise BadRequest(f"top_p must be 1 (this server has no nucleus sampling; use top_k), got {top_p!r}")
     ids = [srv.bos] + srv.enc.encode_ordinary(prompt)
     block = srv.model.config.block_size
     if len(ids) + max_tokens > block:
@@ -105,20 +130,72 @@ def complete(srv, req):
             "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
 
 
+def no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")  # Python's json would read NaN, Infinity, -Infinity
+
+
 class JSONHandler(BaseHTTPRequestHandler):
     """The HTTP side of an OpenAI-style server: JSON request bodies in, JSON replies out, HTTP/1.1
     keep-alive as real servers do. This server's Handler, sample_data/replay.py and the test and
-    benchmark servers are all built on it. Requests are logged unless the server's `quiet` is set."""
+    benchmark servers are all built on it. Requests are logged unless the server's `quiet` is set.
+    A body read_json refuses is answered with its 4xx here, whether or not do_POST catches it; a
+    client that stalls for `timeout` seconds, or hangs up, is dropped without a traceback."""
     protocol_version = "HTTP/1.1"   # keep-alive: clients reuse their connections
     disable_nagle_algorithm = True  # else headers and body go out in two packets: +40 ms (delayed ACK)
+    timeout = 30.0                  # seconds a client may stall or idle; a server's client_timeout overrides it
+    max_body = 4 << 20              # bytes; a prompt is a few KB, a chat request with a whole document tens of KB
+
+    def setup(self):
+        # not server.timeout: socketserver already uses that name for handle_request's wait
+        self.timeout = getattr(self.server, "client_timeout", self.timeout)
+        super().setup()  # puts the timeout on the socket: a read or write that stalls raises TimeoutError
+
+    def handle_one_request(self):
+        try:
+            try:
+                super().handle_one_request()  # ends the connection itself on TimeoutError
+            except BadRequest as e:  # from read_json, in a do_POST that lets it through
+                self.error(e.code, str(e))
+        except ConnectionError as e:  # the client hung up, maybe before our answer: not the server's error
+            self.log_error("client went away: %r", e)
+            self.close_connection = True
 
     def log_message(self, fmt, *args):
         if not getattr(self.server, "quiet", True):
             super().log_message(fmt, *args)
 
     def read_json(self):
-        """The request body parsed as JSON (ValueError if it is not JSON)."""
-        return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        """The request body parsed as strict JSON. Raises BadRequest (a ValueError) for a body that is
+        not JSON, holds NaN or Infinity, or nests too deeply, and for a missing, malformed or too large
+        Content-Length; TimeoutError (which drops the connection) if the body takes longer than
+        `timeout` seconds to arrive, even if it comes a byte at a time."""
+        # until the whole body is in, we cannot tell where a next request on this connection would start
+        was_closing, self.close_connection = self.close_connection, True
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise BadRequest("bad request: a Content-Length header is required", 411)
+        if not (length.isascii() and length.isdigit()):  # int() would also take "-5", " 5", "5_0"
+            raise BadRequest(f"bad request: Content-Length {length!r} is not a byte count")
+        if len(length) > 18 or int(length) > self.max_body:  # int() refuses strings of over 4300 digits
+            raise BadRequest(f"bad request: a body of {length} bytes is over the limit of {self.max_body}", 413)
+        length = int(length)
+        # the socket timeout bounds each read; this deadline bounds them all, so dribbling does not pay
+        deadline = time.monotonic() + (self.timeout if self.timeout is not None else math.inf)
+        body = bytearray()
+        while len(body) < length:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"request body not received within {self.timeout} s")
+            chunk = self.rfile.read1(length - len(body))
+            if not chunk:
+                raise BadRequest(f"bad request: the body ended after {len(body)} of {length} bytes")
+            body += chunk
+        self.close_connection = was_closing
+        try:
+            return json.loads(body, parse_constant=no_constant)
+        except RecursionError:  # json.loads recurses once per level of [ or {
+            raise BadRequest("bad request: body is not valid JSON: nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, NaN/Infinity, bytes that are not UTF-8
+            raise BadRequest(f"bad request: body is not valid JSON: {e}") from None
 
     def reply(self, code, obj=None, raw=None, headers=()):
         """Send `obj` as JSON (or the bytes `raw` as they are) with status `code`."""
@@ -132,8 +209,9 @@ class JSONHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def error(self, code, message):
-        """An OpenAI-style error body."""
-        self.reply(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
+        """An OpenAI-style error body; tells the client when this connection is about to close."""
+        self.reply(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}},
+                   headers=[("Connection", "close")] if self.close_connection else ())
 
 
 class Handler(JSONHandler):
@@ -144,42 +222,75 @@ class Handler(JSONHandler):
         self.error(404, f"no route GET {self.path}")
 
     def do_POST(self):
-        try:
-            body = self.read_json()
-        except ValueError as e:
-            return self.error(400, f"bad request: {e}")
+        body = self.read_json()  # a bad body raises BadRequest, which JSONHandler answers (4xx)
         if self.path.rstrip("/") != "/v1/completions":
             return self.error(404, f"no route POST {self.path} (this server has /v1/completions only)")
         try:
-            self.reply(200, complete(self.server, body))
-        except ValueError as e:  # a value the sampler refuses
-            self.error(400, f"bad request: {e}")
+            out = complete(self.server, body)
         except BadRequest as e:
-            self.error(e.code, str(e))
+            return self.error(e.code, str(e))
+        except ValueError as e:  # a value the sampler refuses
+            return self.error(400, f"bad request: {e}")
         except Exception as e:  # report, and keep serving
-            self.error(500, f"{type(e).__name__}: {e}")
+            return self.error(500, f"{type(e).__name__}: {e}")
+        self.reply(200, out)
 
 
-def make_server(model, enc, bos, host="127.0.0.1", port=8000, name="nanosynth", device="cpu", quiet=False):
-    """A ThreadingHTTPServer (not yet serving: call serve_forever) for one model."""
+def make_server(model, enc, bos, host="127.0.0.1", port=8000, name="nanosynth", device="cpu", quiet=False,
+                timeout=JSONHandler.timeout):
+    """A ThreadingHTTPServer (not yet serving: call serve_forever) for one model. timeout: seconds a
+    client may stall mid-request or idle between requests before its connection is dropped."""
     srv = ThreadingHTTPServer((host, port), Handler)
     srv.daemon_threads = True
     srv.model, srv.enc, srv.bos, srv.name, srv.device, srv.quiet = model, enc, bos, name, device, quiet
+    srv.client_timeout = timeout
     srv.lock = threading.Lock()
     return srv
 
 
+def check_device(device):
+    """ValueError unless this machine has `device`: found before loading a checkpoint onto it, whose
+    error would blame the checkpoint."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:  # AssertionError, RuntimeError or NotImplementedError, by device and build
+        raise ValueError(f"--device {device!r} is not available here ({str(e).splitlines()[0][:200]})") from None
+
+
+def fail(message):
+    """Stop with one line on stderr, not a traceback: these are the user's to fix, not bugs."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, even if torch's has many
+    raise SystemExit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="OpenAI-compatible /v1/completions server for a nanosynth checkpoint")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
-    p.add_argument("--model-name", default="nanosynth", help="the name clients pass as model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 = any free port")
+    p.add_argument("--model_name", default="nanosynth", help="the name clients pass as model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to sample on (default: cuda if available, else cpu)")
+    p.add_argument("--timeout", type=float, default=JSONHandler.timeout,
+                   help="seconds a client may stall mid-request or idle between requests before it is dropped")
     p.add_argument("--quiet", action="store_true", help="do not log every request")
     args = p.parse_args(argv)
-    model, enc, bos = load_checkpoint(args.ckpt, args.device)
-    srv = make_server(model, enc, bos, args.host, args.port, args.model_name, args.device, args.quiet)
+    if not args.timeout > 0:
+        p.error("--timeout must be > 0")
+    try:
+        check_device(args.device)
+        model, enc, bos = load_checkpoint(args.ckpt, args.device)
+    except (OSError, ValueError) as e:  # a bad --device; a missing, unreadable or foreign checkpoint
+        fail(e)
+    try:
+        srv = make_server(model, enc, bos, args.host, args.port, args.model_name, args.device, args.quiet,
+                          args.timeout)
+    except (OSError, OverflowError) as e:  # port in use or not allowed, unknown host; port > 65535
+        fail(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}")
     print(f"serving {args.ckpt} as model {args.model_name!r} on http://{args.host}:{srv.server_address[1]}/v1 "
           f"(context {model.config.block_size} tokens, {args.device})", flush=True)
     try:
