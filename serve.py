@@ -5,7 +5,7 @@ generate.py --kind self-distill can draw synthetic documents from a model traine
 Run
   python serve.py --ckpt out/real/ckpt.pt --port 8000
   python generate.py --kind self-distill --endpoint http://127.0.0.1:8000/v1 --model nanosynth \
-      --input sample_data/train.jsonl --out synth/self-distill.jsonl --G 4
+      --input sample_data/train.jsonl --out_jsonl synth/self-distill.jsonl --G 4
 
 API (the subset generate.py uses)
   GET  /v1/models        the one model, named by --model_name

@@ -425,7 +425,7 @@ def test_cli_flags(capsys):
     out = capsys.readouterr().out
     # the docstring is the description, its usage lines as written (RawDescriptionHelpFormatter)
     assert "\n  python serve.py --ckpt out/real/ckpt.pt --port 8000\n" in out
-    assert "\n      --input sample_data/train.jsonl --out synth/self-distill.jsonl --G 4\n" in out
+    assert "\n      --input sample_data/train.jsonl --out_jsonl synth/self-distill.jsonl --G 4\n" in out
     # every flag has a help text, on its line or the next; flags use underscores
     lines = out.split("\noptions:\n")[1].splitlines()
     flags = [(i, line) for i, line in enumerate(lines) if line.startswith("  -")]
