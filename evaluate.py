@@ -95,11 +95,14 @@ def loss_by_position(model, tf, mask, batch_size, device, ctx=nullcontext()):
     return buckets
 
 
-def evaluate_model(model, val, long=None, mask="causal", batch_size=16, device="cpu", ctx=nullcontext()):
-    """{"val_loss"} on the held-out token file `val`, plus "long_loss" and "long_loss_by_position"
-    when a token file of long documents is given. Leaves the model in train mode."""
+def evaluate_model(model, val, test=None, long=None, mask="causal", batch_size=16, device="cpu", ctx=nullcontext()):
+    """{"val_loss"} on the held-out token file `val`, "test_loss" on a second held-out split when
+    given, and "long_loss" and "long_loss_by_position" when a token file of long documents is
+    given. Leaves the model in train mode."""
     model.eval()
     metrics = {"val_loss": stream_loss(model, val, mask, batch_size, device, ctx)}
+    if test is not None:
+        metrics["test_loss"] = stream_loss(model, test, mask, batch_size, device, ctx)
     if long is not None:
         metrics["long_loss"] = stream_loss(model, long, mask, batch_size, device, ctx)
         metrics["long_loss_by_position"] = loss_by_position(model, long, mask, batch_size, device, ctx)
@@ -138,20 +141,24 @@ def ensemble_loss(ckpt_paths, val_prefix, batch_size=16, device="cpu"):
 # fits and data efficiency
 
 
-def fit_power_law(x, y):
+EXPONENT_RANGE = (1e-4, 10.0)   # where fit_power_law searches B
+
+
+def fit_power_law(x, y, warn=lambda message: print(message, file=sys.stderr)):
     """Least-squares fit of y = A / x^B + C; returns (A, B, C). For a fixed B the model is linear
-    in (A, C), so B is found by a 1-D search (a log-spaced grid, then repeated refinement) and
-    A, C by linear least squares at each B."""
+    in (A, C), so B is found by a 1-D search over EXPONENT_RANGE (a log-spaced grid, then repeated
+    refinement) and A, C by linear least squares at each B. Every problem of fit_problems() is
+    passed to `warn` (printed to stderr by default)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 3:
-        raise ValueError("a fit of A / x^B + C needs at least 3 points")
+        raise ValueError(f"a fit of A / x^B + C needs at least 3 points, got {len(x)}")
 
     def solve(B):
         design = np.stack([x ** -B, np.ones_like(x)], axis=1)
         (A, C), *_ = np.linalg.lstsq(design, y, rcond=None)
         return float(np.sum((design @ [A, C] - y) ** 2)), A, C
 
-    grid = np.logspace(-4, 1, 200)
+    grid = np.logspace(np.log10(EXPONENT_RANGE[0]), np.log10(EXPONENT_RANGE[1]), 200)
     for _ in range(40):
         errors = [solve(B)[0] for B in grid]
         i = int(np.argmin(errors))
@@ -161,7 +168,26 @@ def fit_power_law(x, y):
         grid = np.linspace(lo, hi, 21)
     B = float(grid[i])
     _, A, C = solve(B)
-    return float(A), B, float(C)
+    law = (float(A), B, float(C))
+    for problem in fit_problems(law):
+        warn(f"warning: {problem}")
+    return law
+
+
+def fit_problems(law):
+    """Why a fitted (A, B, C) cannot be read as a power law with an asymptote: an exponent on the
+    edge of the search range (the data do not determine it: the fit is a straight line in log x or
+    a step), A <= 0 (not decreasing), or C < 0 (an asymptote below zero loss)."""
+    A, B, C = law
+    problems = []
+    if not EXPONENT_RANGE[0] * 1.001 < B < EXPONENT_RANGE[1] / 1.001:
+        problems.append(f"the fit's exponent B = {B:.3g} is on the edge of its search range "
+                        f"{EXPONENT_RANGE}: the power law with asymptote is not identifiable from these points")
+    if A <= 0:
+        problems.append(f"the fit's A = {A:.3g} <= 0: the points do not decrease with x")
+    if C < 0:
+        problems.append(f"the fit's asymptote C = {C:.3g} is below zero: no loss can be")
+    return problems
 
 
 def power_law(x, A, B, C):
@@ -178,6 +204,45 @@ def invert_power_law(loss, A, B, C):
 def data_efficiency(loss, real_law, real_tokens):
     """k such that the real-only law needs k x real_tokens to reach this loss."""
     return invert_power_law(loss, *real_law) / real_tokens
+
+
+def interpolated_budget(loss, budgets, losses):
+    """The real budget at which measured real-only losses reach `loss`, interpolating linearly in
+    log(budget) between the two neighbouring measured budgets whose losses bracket it; a model-free
+    alternative to inverting a power law. Returns (budget, relation): relation "=" inside the
+    measured range, ">" when `loss` is below every measured loss (budget is then the largest one
+    measured: the true budget is more), "<" when it is above every measured loss."""
+    points = sorted(zip(budgets, losses))
+    for (d0, l0), (d1, l1) in zip(points[::-1][1:], points[::-1]):   # from the largest budgets down
+        if min(l0, l1) <= loss <= max(l0, l1):
+            if l0 == l1:
+                return d1, "="
+            t = (l0 - loss) / (l0 - l1)
+            return math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0))), "="
+    if loss < min(losses):
+        return points[-1][0], ">"
+    return points[0][0], "<"
+
+
+# -----------------------------------------------------------------------------
+# compute
+
+def training_flops(model_config, tokens):
+    """FLOPs of training a model (a dict of GPTConfig fields) on `tokens` tokens: 6 x matmul
+    parameters per token (forward and backward; the input embedding is a lookup, the output head
+    a matmul) plus causal attention, 6 x layers x width x context per token (QK^T and AV over
+    half the T x T scores, forward and backward)."""
+    c = model_config
+    kv_width = c["n_kv_head"] * (c["n_embd"] // c["n_head"])
+    per_layer = 2 * c["n_embd"] ** 2 + 2 * c["n_embd"] * kv_width + 3 * c["n_embd"] * c["mlp_hidden"]
+    matmul_params = c["n_layer"] * per_layer + c["n_embd"] * c["vocab_size"]
+    return tokens * (6 * matmul_params + 6 * c["n_layer"] * c["n_embd"] * c["block_size"])
+
+
+def generation_flops(tokens, generator_params=8e9):
+    """FLOPs a generator of `generator_params` parameters spends on `tokens` tokens (prompt and
+    completion): 2 per parameter per token (the paper's generator: Llama 3.1 8B)."""
+    return 2 * generator_params * tokens
 
 
 # -----------------------------------------------------------------------------
@@ -220,14 +285,19 @@ def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation lo
     return path
 
 
-def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nats)", logx=True):
-    """series: {label: (xs, ys, spreads)}; returns the path, or None without matplotlib."""
+def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nats)", logx=True, hlines=None,
+                dashed=()):
+    """series: {label: (xs, ys, spreads)}; hlines: {label: y} drawn as horizontal lines; series
+    named in `dashed` are drawn dashed. Returns the path, or None without matplotlib."""
     plt = pyplot_or_note(path)
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, (xs, ys, spreads) in series.items():
-        ax.errorbar(xs, ys, yerr=spreads, marker="o", capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=spreads, marker="o", capsize=3, label=label,
+                    linestyle="--" if label in dashed else "-")
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, color=f"C{len(series) + i}", linestyle=":", label=label)
     if logx:
         ax.set_xscale("log", base=2)
         ticks = sorted({x for xs, _, _ in series.values() for x in xs})

@@ -102,8 +102,10 @@ PRESETS = {
     "300M": dict(vocab_size=LLAMA3_VOCAB, n_layer=12, n_head=12, n_kv_head=12, n_embd=768, mlp_hidden=2688, block_size=4096),
     "600M": dict(vocab_size=LLAMA3_VOCAB, n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, mlp_hidden=3584, block_size=4096),
     "1.5B": dict(vocab_size=LLAMA3_VOCAB, n_layer=36, n_head=16, n_kv_head=8, n_embd=1536, mlp_hidden=5376, block_size=4096),
-    # small shapes for CPU runs and tests, named layers x width (SwiGLU hidden ~ 8/3 x width, a multiple of 16)
-    "cpu-2x64": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, mlp_hidden=176, block_size=256),
+    # small shapes for CPU runs, named layers x width (SwiGLU hidden ~ 8/3 x width, a multiple of 16).
+    # cpu-2x64 is the CPU demo's model as is (configs/cpu_demo.json): GPT-2's first 1,024 ranks + BOS,
+    # padded to 1,088; a context of 1,024 holds a typical megadoc of that vocabulary (about 1,100 tokens).
+    "cpu-2x64": dict(vocab_size=1088, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, mlp_hidden=176, block_size=1024),
     "cpu-4x256": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, mlp_hidden=688, block_size=512),
 }
 

@@ -1,13 +1,13 @@
-"""
+r"""
 sweep.py: the paper's tuning, as a grid of train.py runs: epochs x mix x weight decay (x lr).
 
-    python sweep.py --out out/sweep/sorted --epochs 1 2 4 --mix 0.5 0.75 --weight_decay 0.1 0.4 0.8 \
+    python sweep.py --out_dir out/sweep/sorted --epochs 1 2 4 --mix 0.5 0.75 --weight_decay 0.1 0.4 0.8 \
         -- --config configs/cpu_demo.json --real out/demo/data/real --synthetic out/demo/data/sorted \
            --val out/demo/data/val
     (everything after -- goes to every train.py run; a mix of 0 drops --synthetic for that run)
 
 Reads:  whatever train.py reads.
-Writes: OUT/<epochs>_<mix>_<wd>_<lr>/ (one train.py out_dir per configuration) and OUT/sweep.md.
+Writes: OUT_DIR/<epochs>_<mix>_<wd>_<lr>/ (one train.py out_dir per configuration) and OUT_DIR/sweep.md.
 
 A configuration whose summary.json exists is finished and is not run again, so an interrupted or
 extended sweep picks up where it stopped (an unfinished run resumes from its own checkpoint).
@@ -15,22 +15,24 @@ At the end it prints every configuration's i.i.d. loss, the best one, and whethe
 locally optimal: every one-step neighbour in every coordinate of the grid was run and is worse.
 A best configuration on the edge of the grid has a missing neighbour: extend the grid that way.
 
-run_all() is also how demo.py runs its trainings: each run is a train.py subprocess, `jobs` at a
-time, each with `threads` torch threads (on a small CPU model two one-thread runs side by side
-finish sooner than two two-thread runs one after the other).
+run_all() is also how demo.py runs its trainings: `jobs` worker processes run train.py's main()
+one run after another, each with `threads` torch threads (on a small CPU model two one-thread runs
+side by side finish sooner than two two-thread runs one after the other). It prints a line per
+finished run with the time elapsed and an ETA.
 """
 import argparse
+import contextlib
 import itertools
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from evaluate import markdown_table
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 AXES = ("epochs", "mix", "weight_decay", "lr")
 
 
@@ -42,30 +44,67 @@ def finished(out_dir):
     return None
 
 
-def run_all(runs, jobs=1, threads=None, log=print):
-    """runs: {out_dir: [train.py arguments]}. Runs what is not finished; returns {out_dir: summary}."""
-    todo = [(d, a) for d, a in runs.items() if finished(d) is None]
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    if todo:
-        log(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already finished), {jobs} at a time")
-    t0 = time.time()
+def train_in_worker(out_dir, args):
+    """One train.py run inside a worker process (train.py is imported once per worker, not once
+    per run: that saves the 1.5 s of importing torch each time). Its output goes to
+    OUT_DIR/train.log. Returns the exit status: 0, or non-zero if train.py failed."""
+    import train
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "train.log"), "a") as f, contextlib.redirect_stdout(f), \
+            contextlib.redirect_stderr(f):
+        try:
+            train.main([*args, "--out_dir", out_dir])
+        except SystemExit as e:        # train.py's one-line errors
+            if e.code not in (None, 0):
+                print(e.code)
+                return 1
+        except Exception:              # a bug: keep its traceback in the log
+            traceback.print_exc()
+            return 1
+    return 0
 
-    def one(item):
-        out_dir, args = item
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "train.log"), "a") as logf:
-            code = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, "--out_dir", out_dir],
-                                  stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
-        if code != 0:
-            raise RuntimeError(f"train.py failed for {out_dir} (exit {code}); see {out_dir}/train.log")
-        s = finished(out_dir)
-        log(f"  done {out_dir}: val loss {s['val_loss']:.4f} ({s['train_seconds']:.0f}s training; {time.time() - t0:.0f}s elapsed)")
-        return s
 
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, todo))
+def set_threads(threads):
+    import torch
+    torch.set_num_threads(threads)
+
+
+def last_lines(path, n=15):
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+def run_all(runs, jobs=1, threads=None, cost=None, log=print):
+    """runs: {out_dir: [train.py arguments]}. Runs what is not finished, `jobs` at a time, each with
+    `threads` torch threads; returns {out_dir: summary}. cost: {out_dir: relative cost} (e.g. tokens
+    to train) for the ETA and to start the longest runs first; by default all runs cost the same.
+    A failed run stops everything with its log's last lines."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    cost = cost or {}
+    todo = sorted((d for d in runs if finished(d) is None), key=lambda d: -cost.get(d, 1))
+    if not todo:
+        return {d: finished(d) for d in runs}
+    log(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already finished), {jobs} at a time")
+    total = sum(cost.get(d, 1) for d in todo)
+    t0, done = time.time(), 0.0
+    context = multiprocessing.get_context("spawn")   # a fresh interpreter per worker: no forked torch state
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=set_threads if threads else None,
+                             initargs=(threads,) if threads else ()) as pool:
+        futures = {pool.submit(train_in_worker, d, runs[d]): d for d in todo}
+        for i, future in enumerate(as_completed(futures), 1):
+            out_dir = futures[future]
+            if future.result() != 0:
+                for f in futures:
+                    f.cancel()
+                log_path = os.path.join(out_dir, "train.log")
+                raise RuntimeError(f"train.py failed for {out_dir}; the last lines of {log_path}:\n"
+                                   + last_lines(log_path))
+            done += cost.get(out_dir, 1)
+            elapsed = time.time() - t0
+            s = finished(out_dir)
+            log(f"  [{i}/{len(todo)}] {os.path.relpath(out_dir)}: val loss {s['val_loss']:.4f} | elapsed "
+                f"{elapsed / 60:.1f} min | ETA {elapsed * (total - done) / done / 60:.1f} min")
     return {d: finished(d) for d in runs}
 
 
@@ -97,14 +136,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", type=float, nargs="+", default=[1.0])
-    ap.add_argument("--mix", type=float, nargs="+", default=[0.0])
-    ap.add_argument("--weight_decay", type=float, nargs="+", default=[0.1])
-    ap.add_argument("--lr", type=float, nargs="+", default=[3e-3])
+    ap.add_argument("--out_dir", required=True, help="one train.py out_dir per configuration goes in here")
+    ap.add_argument("--epochs", type=float, nargs="+", default=[1.0], help="real epochs to try")
+    ap.add_argument("--mix", type=float, nargs="+", default=[0.0], help="synthetic fractions m to try")
+    ap.add_argument("--weight_decay", type=float, nargs="+", default=[0.1], help="weight decays to try")
+    ap.add_argument("--lr", type=float, nargs="+", default=[3e-3], help="peak learning rates to try")
     ap.add_argument("--jobs", type=int, default=1, help="train.py runs at a time")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     args = ap.parse_args(argv[:split])
+    if args.jobs < 1 or args.threads < 0:
+        ap.error("--jobs must be >= 1 and --threads >= 0")
     train_args = argv[split + 1:]
     grid = {axis: sorted(getattr(args, axis)) for axis in AXES}
     if any(m > 0 for m in grid["mix"]) and "--synthetic" not in train_args:
@@ -117,10 +158,13 @@ def main(argv=None):
         if config["mix"] == 0 and "--synthetic" in extra:   # real only: no synthetic stream
             i = extra.index("--synthetic")
             del extra[i: i + 2]
-        out_dir = os.path.join(args.out, run_name(config))
+        out_dir = os.path.join(args.out_dir, run_name(config))
         runs[out_dir] = extra + [x for a in AXES for x in (f"--{a}", f"{config[a]:g}")]
         configs[out_dir] = config
-    summaries = run_all(runs, jobs=args.jobs, threads=args.threads or None)
+    try:
+        summaries = run_all(runs, jobs=args.jobs, threads=args.threads or None)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
 
     losses = {run_name(configs[d]): s["val_loss"] for d, s in summaries.items()}
     rows = sorted(((configs[d], s) for d, s in summaries.items()), key=lambda cs: cs[1]["val_loss"])
@@ -133,7 +177,7 @@ def main(argv=None):
                ("locally optimal: every one-step neighbour was run and is worse" if ok
                 else "NOT shown locally optimal: " + "; ".join(reasons)))
     print(table + "\n\n" + verdict)
-    with open(os.path.join(args.out, "sweep.md"), "w") as f:
+    with open(os.path.join(args.out_dir, "sweep.md"), "w") as f:
         f.write(table + "\n\n" + verdict + "\n")
 
 

@@ -1,4 +1,4 @@
-"""
+r"""
 train.py: the data-constrained training loop of the paper, for one run.
 
     python train.py --config configs/cpu_demo.json --real out/data/real --val out/data/val \
@@ -42,65 +42,96 @@ from formats import DataError, TokenFile, atomic_open
 from model import GPT, GPTConfig, MASK_KINDS, PRESETS, document_ids
 
 
+def arg(default, help):
+    """A TrainConfig field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # data
-    real: str = "out/data/real"        # pack.py prefix of the real training tokens
-    synthetic: str = ""                # pack.py prefix of a synthetic stream ("" = none)
-    val: str = "out/data/val"          # held-out real documents for the i.i.d. loss
-    long: str = ""                     # second domain of long documents ("" = skip)
-    mix: float = 0.0                   # m: fraction of each batch drawn from the synthetic stream
-    epochs: float = 1.0                # passes over the real windows
-    data_seed: int = 0
+    real: str = arg("out/data/real", "pack.py prefix of the real training tokens")
+    synthetic: str = arg("", "pack.py prefix of a synthetic stream ('' = none)")
+    val: str = arg("out/data/val", "held-out real documents for the i.i.d. loss (the split you tune on)")
+    test: str = arg("", "a second held-out split for final numbers ('' = none)")
+    long: str = arg("", "long documents of a second domain, for the loss by position ('' = none)")
+    mix: float = arg(0.0, "m: the fraction of every batch drawn from the synthetic stream, in [0, 1)")
+    epochs: float = arg(1.0, "passes over the real windows")
+    data_seed: int = arg(0, "seed of the data order")
     # model
-    model: str = "cpu-4x256"            # a preset of model.py; the fields below override it when > 0
-    n_layer: int = 0
-    n_head: int = 0
-    n_kv_head: int = 0
-    n_embd: int = 0
-    mlp_hidden: int = 0
-    block_size: int = 0                # context length
-    vocab_size: int = 0                # default: the token file's vocabulary padded to a multiple of 64
-    mask: str = "causal"               # causal | document | megadoc
-    init_seed: int = 0
+    model: str = arg("cpu-4x256", f"a preset of model.py: {', '.join(PRESETS)}; the fields below override it when > 0")
+    n_layer: int = arg(0, "layers (0: the preset's)")
+    n_head: int = arg(0, "attention heads (0: the preset's)")
+    n_kv_head: int = arg(0, "key/value heads (0: the preset's, or n_head when n_head is set)")
+    n_embd: int = arg(0, "width (0: the preset's)")
+    mlp_hidden: int = arg(0, "SwiGLU hidden size (0: the preset's)")
+    block_size: int = arg(0, "context length (0: the preset's)")
+    vocab_size: int = arg(0, "embedding rows (0: the token files' vocabulary padded to a multiple of 64)")
+    mask: str = arg("causal", f"attention mask: {', '.join(MASK_KINDS)}")
+    init_seed: int = arg(0, "seed of the initial weights")
     # optimization
-    batch_size: int = 8                # sequences per micro-step per process
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_frac: float = 0.0           # cosine floor as a fraction of lr
-    warmup_frac: float = 0.01
-    weight_decay: float = 0.1
-    decay_embedding: bool = False      # the paper's framework excluded the input embedding from wd
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    batch_size: int = arg(8, "sequences per micro-step")
+    grad_accum: int = arg(1, "micro-steps per optimizer step; the global batch is batch_size x grad_accum "
+                             "sequences, whatever the number of processes")
+    lr: float = arg(3e-3, "peak learning rate")
+    min_lr_frac: float = arg(0.0, "the cosine schedule's floor, as a fraction of lr")
+    warmup_frac: float = arg(0.01, "linear warmup, as a fraction of the steps")
+    weight_decay: float = arg(0.1, "AdamW weight decay on weight matrices (not norms, not the input embedding)")
+    decay_embedding: bool = arg(False, "also decay the input embedding (the paper's framework did not)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    eps: float = arg(1e-8, "AdamW epsilon")
+    grad_clip: float = arg(1.0, "gradient norm clip")
     # system
-    device: str = "auto"               # auto | cpu | cuda
-    compile: bool = False
-    out_dir: str = "out/runs/run"
-    log_interval: int = 10
-    eval_interval: int = 0             # 0: evaluate only at the end
-    ckpt_interval: int = 100
-    eval_batch_size: int = 16
-    halt_at: int = 0                   # stop after this step, as if preempted (tests resume from here)
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    compile: bool = arg(False, "torch.compile the model (a win on GPUs; on the CPU demo's small runs it is not)")
+    out_dir: str = arg("out/runs/run", "checkpoint, log and summary go here; a run resumes from its checkpoint")
+    log_interval: int = arg(10, "steps between log lines")
+    eval_interval: int = arg(0, "steps between evaluations (0: only at the end)")
+    ckpt_interval: int = arg(100, "steps between checkpoints")
+    eval_batch_size: int = arg(16, "sequences per evaluation batch")
+    halt_at: int = arg(0, "stop after this step as if preempted (0: never; tests resume from here)")
+
+
+# fields that do not change what a run computes: a resumed run may change them
+RESUMABLE_CHANGES = {"val", "test", "long", "device", "compile", "out_dir", "log_interval", "eval_interval",
+                     "ckpt_interval", "eval_batch_size", "halt_at"}
+
+
+def parse_bool(text):
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def load_config(argv=None):
-    """Defaults <- --config FILE (JSON) <- --key value flags. Every value is validated later."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="JSON file of TrainConfig values")
+    """Defaults <- --config FILE (JSON) <- --key value flags. A bad file, key or value is a one-line
+    error; every value is checked again against the token files by setup()."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
+    ap.error = lambda message: sys.exit(f"error: {message} (see python train.py --help)")   # one line, no usage
+    ap.add_argument("--config", help="JSON file of TrainConfig values (flags override it)")
     for f in dataclasses.fields(TrainConfig):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(f.type, f.type)
-        ap.add_argument(f"--{f.name}", type=kind, default=None)
+        ap.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=None,
+                        help=f"{f.metadata['help']} (default: {f.default!r})")
     args = ap.parse_args(argv)
     values = {}
     if args.config:
-        with open(args.config) as fh:
-            values = json.load(fh)
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            ap.error(f"{args.config}: unknown keys {sorted(unknown)}")
+        try:
+            with open(args.config) as fh:
+                values = json.load(fh)
+        except (OSError, ValueError) as e:
+            ap.error(f"--config {args.config}: {e}")
+        if not isinstance(values, dict):
+            ap.error(f"--config {args.config}: expected a JSON object of TrainConfig values")
+        types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+        for key, value in values.items():
+            if key not in types:
+                ap.error(f"--config {args.config}: unknown key {key!r}")
+            ok = isinstance(value, types[key]) or (types[key] is float and isinstance(value, int))
+            if not ok or (isinstance(value, bool) and types[key] is not bool):
+                ap.error(f"--config {args.config}: {key} must be {types[key].__name__}, got {value!r}")
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     return TrainConfig(**values)
 
@@ -148,13 +179,18 @@ def global_batch(step, real, syn, n_real, n_syn):
 
 
 def batch_split(cfg, world_size):
-    """(real, synthetic) sequences per global batch; m x batch must be a whole number."""
-    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    """(real, synthetic) sequences per global batch, and micro-steps per process. The global batch
+    is batch_size x grad_accum sequences whatever the number of processes: N processes share the
+    grad_accum micro-steps (as nanoGPT does), so grad_accum must be a multiple of N. m x the
+    global batch must be a whole number of sequences."""
+    global_batch = cfg.batch_size * cfg.grad_accum
+    check(cfg.grad_accum % world_size == 0, f"grad_accum {cfg.grad_accum} is not a multiple of the {world_size} "
+          "processes: the global batch (batch_size x grad_accum) is shared between them")
     n_syn = cfg.mix * global_batch
     check(abs(n_syn - round(n_syn)) < 1e-9, f"mix {cfg.mix} x global batch {global_batch} = {n_syn:g} "
           "synthetic sequences per batch: choose mix and batch so this is a whole number")
     n_syn = round(n_syn)
-    return global_batch - n_syn, n_syn
+    return global_batch - n_syn, n_syn, cfg.grad_accum // world_size
 
 
 def total_steps(n_real_windows, epochs, n_real_per_batch):
@@ -186,13 +222,50 @@ def param_groups(model, cfg):
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(path, model, optimizer, step, cfg, model_cfg, tokenizer, metrics):
+def save_checkpoint(path, state):
     """Written atomically: a crash never leaves a half-written checkpoint under the final name."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
-             "tokenizer": tokenizer, "metrics": metrics, "torch_rng": torch.get_rng_state()}
     with atomic_open(path) as f:
         torch.save(state, f)
+
+
+def settings_changed(ckpt, cfg, data):
+    """What differs between the run that wrote `ckpt` and this one, in anything that changes what
+    the run computes (model, vocabulary, optimization, epochs, mix, data files); "" if nothing."""
+    old, new = ckpt["config"], dataclasses.asdict(cfg)
+    changes = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
+    for name, identity in data_identity(data).items():
+        if ckpt.get("data", {}).get(name) != identity:
+            changes.append(f"{name} token file {ckpt.get('data', {}).get(name)} -> {identity} (tokens, documents)")
+    return "; ".join(changes)
+
+
+def data_identity(data):
+    return {name: [len(data[name]), len(data[name].starts)] for name in ("real", "synthetic") if name in data}
+
+
+def rewrite_log(path, last_step):
+    """Keep the log lines of steps <= last_step: a resumed run appends from there without repeats."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with atomic_open(path, "w") as f:
+        f.writelines(keep)
+
+
+def pick_device(name):
+    """The device to train on: auto (cuda if there is one), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: train.py runs on cpu or cuda")
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +274,9 @@ def save_checkpoint(path, model, optimizer, step, cfg, model_cfg, tokenizer, met
 def setup(cfg):
     """Validate the config against the token files; return data, model config, device info."""
     check(0 <= cfg.mix < 1, f"mix must be in [0, 1), got {cfg.mix}")
-    check(cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
+    check(0 < cfg.epochs < math.inf, f"epochs must be a number > 0, got {cfg.epochs}")
+    for name in ("lr", "weight_decay", "grad_clip", "warmup_frac", "min_lr_frac", "beta1", "beta2", "eps"):
+        check(math.isfinite(getattr(cfg, name)), f"{name} must be a finite number, got {getattr(cfg, name)}")
     check(cfg.mask in MASK_KINDS, f"mask must be one of {MASK_KINDS}, got {cfg.mask!r}")
     check(cfg.model in PRESETS, f"model must be a preset of model.py {sorted(PRESETS)}, got {cfg.model!r}")
     check(cfg.mix == 0 or cfg.synthetic, "mix > 0 needs a --synthetic token file")
@@ -212,6 +287,8 @@ def setup(cfg):
     data = {"real": TokenFile(cfg.real), "val": TokenFile(cfg.val)}
     if cfg.synthetic:
         data["synthetic"] = TokenFile(cfg.synthetic)
+    if cfg.test:
+        data["test"] = TokenFile(cfg.test)
     if cfg.long:
         data["long"] = TokenFile(cfg.long)
     vocab, bos = data["real"].vocab_size, data["real"].bos_id
@@ -227,22 +304,24 @@ def setup(cfg):
           f"files' vocabulary {vocab}")
     model_cfg = GPTConfig.from_preset(cfg.model, **overrides)
     cfg.block_size, cfg.vocab_size = model_cfg.block_size, model_cfg.vocab_size
+    check(len(data["real"]) > cfg.block_size, f"block_size {cfg.block_size} leaves no window in the real token "
+          f"file {data['real'].bin_path} ({len(data['real']):,} tokens)")
     return data, model_cfg, bos
 
 
 def main(argv=None):
     cfg = load_config(argv)
     try:
+        device = pick_device(cfg.device)
         data, model_cfg, bos_id = setup(cfg)
     except (ValueError, DataError) as e:
         sys.exit(f"error: {e}")
 
     ddp = int(os.environ.get("RANK", -1)) != -1
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if device == "cuda":
+        if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     else:
@@ -251,12 +330,14 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
-    n_real, n_syn = batch_split(cfg, world)
-    real = Windows(data["real"], cfg.block_size, cfg.data_seed, stream=0)
-    syn = Windows(data["synthetic"], cfg.block_size, cfg.data_seed, stream=1) if n_syn else None
-    steps = total_steps(real.n, cfg.epochs, n_real)
-    if steps < 1:
-        sys.exit(f"error: {real.n} real windows x {cfg.epochs} epochs make no batch of {n_real} real sequences")
+    try:
+        n_real, n_syn, micro_steps = batch_split(cfg, world)
+        real = Windows(data["real"], cfg.block_size, cfg.data_seed, stream=0)
+        syn = Windows(data["synthetic"], cfg.block_size, cfg.data_seed, stream=1) if n_syn else None
+        steps = total_steps(real.n, cfg.epochs, n_real)
+        check(steps >= 1, f"{real.n} real windows x {cfg.epochs:g} epochs make no batch of {n_real} real sequences")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
     def get_batch(step, micro):
         """Inputs, targets and source-group ids of one micro-batch of this process: micro-step
@@ -273,15 +354,27 @@ def main(argv=None):
     model = GPT(model_cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   fused=device.startswith("cuda"))
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    step = 0
+    ckpt_path, log_path, summary_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "log.jsonl", "summary.json"))
+    step, train_seconds, loss_sum, metrics = 0, 0.0, float("nan"), {}
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as e:   # a file that is not a checkpoint of ours
+            sys.exit(f"error: {ckpt_path}: cannot resume from it ({type(e).__name__}: {str(e)[:200]})")
+        changed = settings_changed(ckpt, cfg, data)
+        if changed:
+            sys.exit(f"error: {ckpt_path} belongs to a run with other settings ({changed}); "
+                     "use another --out_dir, or the same settings to resume it")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
-        step = ckpt["step"]
+        step, train_seconds, loss_sum, metrics = ckpt["step"], ckpt["train_seconds"], ckpt["train_loss"], ckpt["metrics"]
+        if master:
+            rewrite_log(log_path, step)
+        if step == steps and os.path.exists(summary_path):
+            log(f"{cfg.out_dir}: this run is already finished (see {summary_path})")
+            return
         log(f"resuming from {ckpt_path} at step {step}")
     train_model = torch.compile(model) if cfg.compile else model
     if ddp:
@@ -293,29 +386,29 @@ def main(argv=None):
     log(f"data: {real.n:,} real windows x {cfg.epochs:g} epochs, mix {cfg.mix:g}: {n_real} real + {n_syn} "
         f"synthetic sequences per batch of {n_real + n_syn}, {steps:,} steps")
 
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
+    log_file = open(log_path, "a") if master else None
     def record(obj):
         if master:
             log_file.write(json.dumps(obj) + "\n")
             log_file.flush()
 
     tokens_per_step = (n_real + n_syn) * cfg.block_size
-    metrics, train_seconds, start_step = {}, 0.0, step   # train_seconds: evaluation and checkpoints excluded
+    start_step = step
     while step < steps:
         t0 = time.time()
         lr = lr_at(step, steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # forward and backward over the micro-batches of this step, then one optimizer step
+        # forward and backward over this process's micro-batches, then one optimizer step
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
+        for micro in range(micro_steps):
             x, y, groups = get_batch(step, micro)
-            sync = nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else train_model.no_sync()
+            sync = nullcontext() if (not ddp or micro == micro_steps - 1) else train_model.no_sync()
             with sync, ctx:
                 _, loss = train_model(x, y, doc_ids=document_ids(x, bos_id), group_ids=groups, mask_kind=cfg.mask)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+                (loss / micro_steps).backward()
+            loss_sum += loss.item() / micro_steps
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -327,30 +420,37 @@ def main(argv=None):
         train_seconds += time.time() - t0   # loss.item() waited for the device: this time is honest
 
         if step % cfg.log_interval == 0 or step == steps:
-            tok_s = (step - start_step) * tokens_per_step / train_seconds
-            eta = (steps - step) * train_seconds / (step - start_step)
+            tok_s = (step - start_step) * tokens_per_step / train_seconds if step > start_step else 0.0
+            eta = (steps - step) * train_seconds / max(step, 1)
             log(f"step {step:>6}/{steps} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                 f"eta {eta / 60:.1f} min")
             record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s})
         if master and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == steps):
-            metrics = evaluate_model(model, data["val"], data.get("long"), cfg.mask, cfg.eval_batch_size, device, ctx)
-            log(f"eval step {step}: val loss {metrics['val_loss']:.4f}" +
-                (f", long-document loss {metrics['long_loss']:.4f}" if "long_loss" in metrics else ""))
+            metrics = evaluate_model(model, data["val"], data.get("test"), data.get("long"), cfg.mask,
+                                     cfg.eval_batch_size, device, ctx)
+            log(f"eval step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()
+                                                  if isinstance(v, float)))
             record({"step": step, **metrics})
         if master and (step % cfg.ckpt_interval == 0 or step == steps or step == cfg.halt_at):
-            save_checkpoint(ckpt_path, model, optimizer, step, cfg, model_cfg, tokenizer, metrics)
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
+                "data": data_identity(data), "tokenizer": tokenizer, "metrics": metrics, "train_loss": loss_sum,
+                "train_seconds": train_seconds, "torch_rng": torch.get_rng_state()})
         if step == cfg.halt_at:
             log(f"halting at step {step} (halt_at)")
             break
 
     if master and step == steps:
+        if not metrics:   # finished before a crash that came between the last checkpoint and the summary
+            metrics = evaluate_model(model, data["val"], data.get("test"), data.get("long"), cfg.mask,
+                                     cfg.eval_batch_size, device, ctx)
         summary = {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
                    "params": model.num_params(), "steps": steps, "real_windows": real.n,
                    "real_sequences_seen": steps * n_real, "synthetic_sequences_seen": steps * n_syn,
                    "real_tokens": len(data["real"]), "final_train_loss": loss_sum, **metrics,
-                   "train_seconds": train_seconds,
-                   "tokens_per_s": (steps - start_step) * tokens_per_step / max(train_seconds, 1e-9)}
-        with atomic_open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+                   "train_seconds": train_seconds, "tokens_per_s": steps * tokens_per_step / max(train_seconds, 1e-9)}
+        with atomic_open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
     if ddp:
         dist.barrier()

@@ -96,7 +96,7 @@ def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
                   tokenizer="gpt2:512", log=quiet)
     assert s["per_kind"]["rephrase"]["documents"] == 60 and s["per_kind"]["real"]["documents"] == 30
 
-    argv = ["--out", f"{d}/sweep", "--epochs", "1", "--mix", "0", "0.5", "--", *TINY,
+    argv = ["--out_dir", f"{d}/sweep", "--epochs", "1", "--mix", "0", "0.5", "--", *TINY,
             "--real", f"{d}/real", "--synthetic", f"{d}/sorted", "--val", f"{d}/val"]
     sweep.main(argv)
     table = open(f"{d}/sweep/sweep.md").read()

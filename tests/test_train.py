@@ -1,6 +1,7 @@
 """train.py: exact mixing counts, schedule, weight-decay groups, resume, DDP, config errors."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -54,7 +55,8 @@ class FakeFile:   # only its length matters to Windows
 ])
 def test_exact_mixing_counts(epochs, mix, batch, expect_steps, expect_real, expect_syn):
     cfg = TrainConfig(mix=mix, epochs=epochs, batch_size=batch)
-    n_real, n_syn = train.batch_split(cfg, world_size=1)
+    n_real, n_syn, micro_steps = train.batch_split(cfg, world_size=1)
+    assert micro_steps == 1
     real = train.Windows(FakeFile(12 * 16 + 1), 16, seed=0, stream=0)   # 12 real windows
     syn = train.Windows(FakeFile(10 * 16 + 1), 16, seed=0, stream=1)    # 10 synthetic windows
     steps = train.total_steps(real.n, epochs, n_real)
@@ -68,7 +70,8 @@ def test_exact_mixing_counts(epochs, mix, batch, expect_steps, expect_real, expe
     assert sum(seen_real.values()) == expect_real and sum(seen_syn.values()) == expect_syn
     assert seen_real == Counter({w: epochs for w in range(12)})      # every real window `epochs` times
     full, rest = divmod(expect_syn, 10)                               # the synthetic stream repeats
-    assert sorted(seen_syn.values()) == sorted([full + 1] * rest + [full] * (10 - rest)) if expect_syn else True
+    expected = sorted([full + 1] * rest + [full] * (10 - rest)) if expect_syn else []
+    assert sorted(seen_syn.values()) == expected
 
 
 def test_window_order_reshuffled_each_pass_and_seeded():
@@ -81,6 +84,15 @@ def test_window_order_reshuffled_each_pass_and_seeded():
 def test_mix_must_give_whole_sequences():
     with pytest.raises(ValueError, match="whole number"):
         train.batch_split(TrainConfig(mix=0.3, batch_size=4), 1)
+
+
+def test_global_batch_is_the_same_on_any_number_of_processes():
+    cfg = TrainConfig(mix=0.75, batch_size=2, grad_accum=4)      # a global batch of 8: 2 real + 6 synthetic
+    assert train.batch_split(cfg, 1) == (2, 6, 4)
+    assert train.batch_split(cfg, 2) == (2, 6, 2)                 # two processes share the 4 micro-steps
+    assert train.batch_split(cfg, 4) == (2, 6, 1)
+    with pytest.raises(ValueError, match="grad_accum 4 is not a multiple of the 3 processes"):
+        train.batch_split(cfg, 3)
 
 
 def test_schedule_values():
@@ -122,13 +134,23 @@ def test_resume_is_bit_exact(data, tmp_path):
     assert summary["val_loss"] == json.load(open(tmp_path / "full" / "summary.json"))["val_loss"]
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_matches_single_process(data, tmp_path):
-    common = TINY + ["--real", str(data / "real"), "--val", str(data / "val"), "--epochs", "1"]
-    single = run_train(data, tmp_path / "one", "--epochs", "1", "--batch_size", "4")
+    """The same command on 1 and on 2 processes: the same global batch (2 x 2 sequences), so the
+    same losses and weights."""
+    common = TINY + ["--real", str(data / "real"), "--val", str(data / "val"), "--epochs", "1",
+                     "--batch_size", "2", "--grad_accum", "2"]
+    single = run_train(data, tmp_path / "one", *common[len(TINY) + 4:])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           os.path.join(ROOT, "train.py"), *common, "--batch_size", "2", "--out_dir", str(tmp_path / "two")]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *common]
+    subprocess.run(torchrun + ["--out_dir", str(tmp_path / "two")], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=300)
     two = [json.loads(l) for l in open(tmp_path / "two" / "log.jsonl")]
     a = [r["loss"] for r in single if "loss" in r]
     b = [r["loss"] for r in two if "loss" in r]
@@ -139,11 +161,87 @@ def test_ddp_matches_single_process(data, tmp_path):
     # summing gradients over processes rounds differently from one batch's mean; AdamW divides by
     # the gradients' running RMS, so after 50 steps the weights agree to ~1e-5, not to the last bit
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    # a global batch that 2 processes cannot share is refused, in one line
+    torchrun[torchrun.index("--master_port") + 1] = str(free_port())
+    odd = subprocess.run(torchrun + ["--grad_accum", "1", "--out_dir", str(tmp_path / "odd")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert odd.returncode != 0 and "error: grad_accum 1 is not a multiple of the 2 processes" in odd.stderr
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_finished_run_without_summary_finishes_or_says_it_is_done(data, tmp_path):
+    full = run_train(data, tmp_path / "run", "--epochs", "1")
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    os.remove(tmp_path / "run" / "summary.json")     # killed between the last checkpoint and the summary
+    again = run_train(data, tmp_path / "run", "--epochs", "1")
+    assert json.load(open(tmp_path / "run" / "summary.json"))["val_loss"] == summary["val_loss"]
+    assert again == full                              # nothing was trained or logged twice
+    done = run_cli(*TINY, "--real", str(data / "real"), "--val", str(data / "val"), "--epochs", "1",
+                   "--out_dir", str(tmp_path / "run"))
+    assert done.returncode == 0 and "already finished" in done.stdout
+
+
+def test_resume_refuses_other_settings(data, tmp_path):
+    run_train(data, tmp_path / "run", "--epochs", "2", "--halt_at", "3")
+    for change, named in ((["--lr", "1e-3"], "lr 0.003 -> 0.001"), (["--epochs", "3"], "epochs 2.0 -> 3.0"),
+                          (["--n_embd", "64"], "n_embd 32 -> 64"), (["--real", str(data / "val")], "real")):
+        r = run_cli(*TINY, "--real", str(data / "real"), "--val", str(data / "val"), "--epochs", "2",
+                    "--out_dir", str(tmp_path / "run"), *change)
+        assert r.returncode != 0 and "other settings" in r.stderr and named in r.stderr, (change, r.stderr)
+    # evaluation files and intervals may change
+    log = run_train(data, tmp_path / "run", "--epochs", "2", "--log_interval", "2")
+    assert log[-1]["step"] == max(r["step"] for r in log)
+
+
+def test_log_has_no_repeated_steps_after_a_resume(data, tmp_path):
+    full = run_train(data, tmp_path / "full", "--epochs", "2")
+    run_train(data, tmp_path / "cut", "--epochs", "2", "--halt_at", "4")
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:   # a run killed after logging step 5, before a checkpoint
+        f.write(json.dumps({"step": 5, "loss": 9.0, "lr": 0.0, "tokens_per_s": 1.0}) + "\n")
+    resumed = run_train(data, tmp_path / "cut", "--epochs", "2")
+    steps = [r["step"] for r in resumed if "loss" in r]
+    assert steps == sorted(set(steps)) == [r["step"] for r in full if "loss" in r]
+    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in full if "loss" in r]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "nowhere.json"], "--config nowhere.json: [Errno 2]"),
+    (["--config", "README.md"], "--config README.md: Expecting value"),
+    (["--config", "CONFIG_WRONG_TYPE"], "lr must be float, got 'fast'"),
+    (["--epochs", "inf"], "epochs must be a number > 0, got inf"),
+    (["--block_size", "100000"], "block_size 100000 leaves no window"),
+    (["--device", "cuda"], "device 'cuda' is not available"),
+    (["--device", "tpu9"], "device 'tpu9' is not a device"),
+    (["--mix", "0.3", "--synthetic", "REAL"], "whole number"),
+    (["--compile", "Treu"], "argument --compile: expected true or false, got 'Treu'"),
+    (["--mask", "sliding"], "mask must be one of"),
+])
+def test_one_line_errors(data, tmp_path, args, message):
+    (tmp_path / "wrong.json").write_text(json.dumps({"lr": "fast"}))
+    args = [str(tmp_path / "wrong.json") if a == "CONFIG_WRONG_TYPE" else str(data / "real") if a == "REAL" else a
+            for a in args]
+    r = run_cli(*TINY, "--real", str(data / "real"), "--val", str(data / "val"), "--out_dir", str(tmp_path / "o"), *args)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("usage:")]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and message in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+def test_every_flag_has_help():
+    import dataclasses
+    helps = {f.name: f.metadata.get("help") for f in dataclasses.fields(TrainConfig)}
+    assert all(helps.values()), [k for k, v in helps.items() if not v]
+    r = run_cli("--help")
+    assert "python train.py --config configs/cpu_demo.json --real out/data/real --val out/data/val \\\n" in r.stdout
+    assert "attention mask: causal, document, megadoc" in r.stdout.replace("\n", " ").replace("  ", " ")
 
 
 @pytest.mark.parametrize("change,message", [
     (dict(mix=1.0), r"mix must be in \[0, 1\)"),
-    (dict(epochs=0), "epochs must be > 0"),
+    (dict(epochs=0), "epochs must be a number > 0"),
     (dict(mask="sliding"), "mask must be one of"),
     (dict(mix=0.5), "needs a --synthetic token file"),
     (dict(vocab_size=256), "smaller than the token files' vocabulary 513"),
