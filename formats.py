@@ -50,8 +50,13 @@ class DataError(Exception):
 
 def read_jsonl(path):
     """Yield (line number, object) for each non-blank line; a bad line is an error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:   # decoded line by line, so a byte that is not UTF-8 is on a known line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                f"{e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:

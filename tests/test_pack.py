@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pack
-from formats import DataError, KINDS, TokenFile
+from formats import DataError, KINDS, TokenFile, read_jsonl
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,3 +239,18 @@ def test_llama3_shaped_ranks_file(tmp_path):
     assert enc.encode("<|end_of_text|><|eot_id|><|reserved_special_token_247|>", allowed_special="all") == [128001, 128009, 128255]
     assert enc.encode_ordinary("ab 12345") == [97, 98, 32, 49, 50, 51, 52, 53]
     assert pack.token_dtype(enc.n_vocab) == np.uint32
+
+
+# -----------------------------------------------------------------------------
+# clean failures
+
+def test_read_jsonl_names_the_line_that_is_not_utf8(tmp_path):
+    # a first line longer than text mode's 8 KiB decoding block: the bad byte is found on line 3 exactly
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"id": "a", "text": "x" * 20000}).encode() + b"\n\n" +
+                     '{"id": "b", "text": "caf\u00e9"}\n'.encode("latin-1") + b'{"id": "c", "text": "d"}\n')
+    lines = []
+    with pytest.raises(DataError, match=r"latin1.jsonl:3: not UTF-8 text \(byte 0xe9 at byte 25 of the line\)"):
+        for lineno, _ in read_jsonl(str(path)):
+            lines.append(lineno)
+    assert lines == [1]
