@@ -1,4 +1,6 @@
-"""pack.py: exact token ids, exact document order for every mode, token file round trips, bad input."""
+"""pack.py: exact token ids, exact document order for every mode, token file round trips, bad input,
+clean failures (no temporary file left, a token file already at the prefix untouched)."""
+import glob
 import hashlib
 import json
 import os
@@ -194,6 +196,7 @@ def test_bad_synthetic_input_names_file_and_line(tmp_path, record, message):
     with pytest.raises(DataError, match=message) as e:
         pack.pack(real, str(tmp_path / "o"), "sorted", [syn], G=2, log=lambda *a: None)
     assert f"syn.jsonl:{len(SYNTH) + 1}" in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["real.jsonl", "syn.jsonl"]
 
 
 def test_latent_cut_outside_document(tmp_path):
@@ -244,6 +247,19 @@ def test_llama3_shaped_ranks_file(tmp_path):
 # -----------------------------------------------------------------------------
 # clean failures
 
+def snapshot(folder):
+    """Every file under `folder` (recursively) and its bytes."""
+    return {os.path.relpath(p, folder): open(p, "rb").read()
+            for p in glob.glob(os.path.join(folder, "**"), recursive=True) if os.path.isfile(p)}
+
+
+@pytest.fixture
+def old_pack(tmp_path, corpus):
+    """A complete token file at tmp_path/out/o (that a failed re-pack must leave as it is)."""
+    pack.pack(corpus[0], str(tmp_path / "out" / "o"), log=lambda *a: None)
+    return str(tmp_path / "out" / "o"), snapshot(tmp_path / "out")
+
+
 def test_read_jsonl_names_the_line_that_is_not_utf8(tmp_path):
     # a first line longer than text mode's 8 KiB decoding block: the bad byte is found on line 3 exactly
     path = tmp_path / "latin1.jsonl"
@@ -254,3 +270,21 @@ def test_read_jsonl_names_the_line_that_is_not_utf8(tmp_path):
         for lineno, _ in read_jsonl(str(path)):
             lines.append(lineno)
     assert lines == [1]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt, TypeError])
+def test_failure_while_writing_leaves_no_trace(tmp_path, corpus, old_pack, monkeypatch, failure):
+    # windows_with_repeated_source runs inside the TokenWriter block, once every document is written;
+    # TypeError: it returns a summary that is not JSON, which fails when OUT.json is written, after
+    # OUT.bin and OUT.idx are complete
+    def broken(*args):
+        if failure is TypeError:
+            return object()
+        raise failure
+    monkeypatch.setattr(pack, "windows_with_repeated_source", broken)
+    with pytest.raises(failure):
+        pack.pack(corpus[0], old_pack[0], "sorted", [corpus[1]], G=2, log=lambda *a: None)
+    assert snapshot(tmp_path / "out") == old_pack[1]
+    with pytest.raises(failure):   # and with no token file there before
+        pack.pack(corpus[0], str(tmp_path / "new" / "o"), "sorted", [corpus[1]], G=2, log=lambda *a: None)
+    assert os.listdir(tmp_path / "new") == []
