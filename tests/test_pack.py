@@ -1,10 +1,13 @@
 """pack.py: exact token ids, exact document order for every mode, token file round trips, bad input,
-clean failures (no temporary file left, a token file already at the prefix untouched)."""
+the command line (underscore flags, one-line errors) and clean failures (no temporary file left, a
+token file already at the prefix untouched)."""
 import glob
 import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,7 +168,7 @@ def test_deterministic_for_a_seed(tmp_path, corpus):
 
 
 def test_windows_with_repeated_source():
-    # documents at 0, 3, 6, 9 of groups 0, 0, 1, 2 in 12 tokens; context 4 -> windows [0,4) [4,8)
+    # documents at 0, 3, 6, 9 of groups 0, 0, 1, 2 in 12 tokens; block_size 4 -> windows [0,4) [4,8)
     starts, groups = np.array([0, 3, 6, 9]), np.array([0, 0, 1, 2])
     assert pack.windows_with_repeated_source(starts, groups, 12, 4) == 0.5
 
@@ -225,12 +228,6 @@ def test_corrupt_token_files_refused(tmp_path, corpus):
         TokenFile(str(tmp_path / "missing"))
 
 
-def test_cli_error_exit(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
-    with pytest.raises(SystemExit, match=r"error: .*bad.jsonl:1: malformed JSON"):
-        pack.main(["--real", path, "--out", str(tmp_path / "o")])
-
-
 def test_llama3_shaped_ranks_file(tmp_path):
     # a 128,000-rank file gets Llama 3's 256 special tokens and pattern; BOS is <|begin_of_text|>
     import base64
@@ -245,7 +242,7 @@ def test_llama3_shaped_ranks_file(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# clean failures
+# the command line and clean failures
 
 def snapshot(folder):
     """Every file under `folder` (recursively) and its bytes."""
@@ -288,3 +285,65 @@ def test_failure_while_writing_leaves_no_trace(tmp_path, corpus, old_pack, monke
     with pytest.raises(failure):   # and with no token file there before
         pack.pack(corpus[0], str(tmp_path / "new" / "o"), "sorted", [corpus[1]], G=2, log=lambda *a: None)
     assert os.listdir(tmp_path / "new") == []
+
+
+def cli(*args, wait=True):
+    """python pack.py ARGS in a subprocess: the CompletedProcess, or the Popen with wait=False."""
+    cmd = [sys.executable, os.path.join(ROOT, "pack.py"), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(r, message):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert message in r.stderr, r.stderr
+
+
+FLAGS = {"--real", "--synthetic", "--mode", "--G", "--real_position", "--synthetic_kind", "--keep_truncated",
+         "--seed", "--tokenizer", "--block_size", "--threads", "--out_prefix"}
+
+
+def test_help_underscore_flags_each_with_help(capsys):
+    actions = [a for a in pack.arg_parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert {o for a in actions for o in a.option_strings} == FLAGS
+    for a in actions:
+        assert a.help and len(a.option_strings) == 1, a.option_strings
+        for choice in a.choices or []:
+            assert choice in a.help, (a.option_strings, choice)   # the choices are explained in words too
+    with pytest.raises(SystemExit) as e:
+        pack.main(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    # the docstring's usage examples print as written: a line continued with a backslash, new flag names
+    assert "synthetic/rephrase.jsonl \\\n        --mode sorted --G 4 --out_prefix out/data/sorted" in text
+    assert "--mode sorted --real_position front" in text
+    assert not [w for w in text.split() if w.startswith("--") and "-" in w[2:]]   # no hyphenated flag anywhere
+
+
+@pytest.mark.parametrize("old", [["--out", "o"], ["--context", "64"], ["--real-position", "front"],
+                                 ["--synthetic-kind", "rephrase"], ["--keep-truncated"]])
+def test_old_flag_spellings_refused(tmp_path, corpus, old):
+    r = cli("--real", corpus[0], "--out_prefix", tmp_path / "o", *old)
+    assert_one_line_error(r, "unrecognized arguments: " + old[0])
+    assert sorted(os.listdir(tmp_path)) == ["real.jsonl", "synth.jsonl"]
+
+
+def test_cli_packs_with_every_flag(tmp_path, corpus):
+    r = cli("--real", corpus[0], "--synthetic", corpus[1], "--mode", "sorted", "--G", 2, "--real_position", "front",
+            "--synthetic_kind", "rephrase", "--keep_truncated", "--seed", 3, "--tokenizer", "gpt2",
+            "--block_size", 16, "--threads", 1, "--out_prefix", tmp_path / "out" / "s")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "windows of block_size 16 holding 2+ documents of one source" in r.stdout
+    meta = TokenFile(str(tmp_path / "out" / "s")).meta
+    assert meta["block_size"] == 16 and "context" not in meta
+    assert (meta["mode"], meta["G"], meta["real_position"], meta["seed"]) == ("sorted", 2, "front", 3)
+    assert meta["per_kind"]["rephrase"]["documents"] == 4   # A0, A1, B0 and the truncated B1
+    assert meta["windows with 2+ documents of one source"] > 0
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
+    assert_one_line_error(cli("--real", path, "--out_prefix", tmp_path / "o"), f"error: {path}:1: malformed JSON")
