@@ -13,6 +13,8 @@ Reads:  real documents, JSONL {"id", "text", ...}; synthetic records written by 
 Writes: a token file (format in formats.py) at --out_prefix PREFIX: PREFIX.bin (uint16/uint32
         tokens), PREFIX.idx (one record per document: start offset, source-group id, kind),
         PREFIX.json (the pack's settings and summary: documents and tokens per kind, ...).
+        They appear only when complete: after an error (one line "error: ...", exit 2) or Ctrl-C
+        (exit 130) no temporary file is left and a token file already at PREFIX is untouched.
 
 Every document starts with the BOS token (<|endoftext|> for GPT-2). Documents are joined into one
 stream; train.py cuts it into fixed windows of --block_size tokens, so a megadoc longer than that
@@ -64,10 +66,16 @@ class SegmentStore:
 
     def __init__(self, path, enc, dtype, threads, batch_chars=1 << 22):
         self.path, self.enc, self.dtype, self.threads = path, enc, dtype, threads
-        self.file = open(path, "wb")
         self.offsets, self.lengths = array.array("q"), array.array("q")
         self.queue, self.queued_chars, self.n_added, self.n_written, self.batch_chars = [], 0, 0, 0, batch_chars
         self.workers, self.in_flight, self.fd = ThreadPoolExecutor(threads), [], None
+        self.file = open(path, "wb")   # last: if anything above fails, there is no file to remove
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def add(self, text):
         self.queue.append(text)
@@ -109,12 +117,14 @@ class SegmentStore:
         return np.frombuffer(os.pread(self.fd, self.lengths[segment] * size, self.offsets[segment] * size), self.dtype)
 
     def close(self):
-        self.workers.shutdown(cancel_futures=True)
+        """Remove the temporary file, then stop the workers. The file goes first: waiting for the
+        workers to finish the slices they are encoding can take a second, and a second Ctrl-C then
+        must not leave it behind."""
+        os.remove(self.path)
+        self.file.close()
         if self.fd is not None:
             os.close(self.fd)
-        if not self.file.closed:
-            self.file.close()
-        os.remove(self.path)
+        self.workers.shutdown(cancel_futures=True)
 
 
 def id_hash(*parts):
@@ -267,26 +277,42 @@ SYNTHETIC_KINDS = ("rephrase", "self-distill")
 def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
          synthetic_kind=None, seed=0, tokenizer="gpt2", keep_truncated=False, block_size=1024,
          threads=8, log=print):
-    """Pack one stream; returns its summary (also written to OUT.json)."""
+    """Pack one stream into the token file at prefix `out`; returns its summary (also written to
+    OUT.json). Before any work is done, a setting it cannot use is a ValueError and an input or
+    tokenizer file it cannot open a DataError; bad input found later is a DataError naming file
+    and line."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
     if mode != "real" and not synthetic:
         raise ValueError(f"mode {mode!r} needs --synthetic records")
     if real_position not in REAL_POSITIONS:
         raise ValueError(f"unknown real_position {real_position!r} (expected one of {REAL_POSITIONS})")
-    if G < 1:
-        raise ValueError("G must be >= 1")
-    kind = "latent" if mode == "latent" else (synthetic_kind or "rephrase")
+    if synthetic_kind not in (None,) + SYNTHETIC_KINDS:
+        raise ValueError(f"unknown synthetic_kind {synthetic_kind!r} (expected one of {SYNTHETIC_KINDS})")
+    for name, value in (("G", G), ("block_size", block_size), ("threads", threads)):
+        if not value >= 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not os.path.basename(out):
+        raise ValueError(f"the output prefix {out!r} names a folder; add a file name (it writes PREFIX.bin, ...)")
+    synthetic = list(synthetic) if mode != "real" else []
+    for flag, path in [("--real", real_path)] + [("--synthetic", p) for p in synthetic]:
+        try:   # a missing input fails now, not after the others were read
+            open(path, "rb").close()
+        except OSError as e:
+            raise DataError(f"{flag} {path}: {e.strerror}") from None
     t0 = time.time()
-    enc, bos_id = load_tokenizer(tokenizer)
+    try:
+        enc, bos_id = load_tokenizer(tokenizer)
+    except OSError as e:   # (a bad gpt2:N or a bad ranks line is a ValueError that names it)
+        raise DataError(f"--tokenizer {tokenizer}: {e.strerror or e}") from None
+    kind = "latent" if mode == "latent" else (synthetic_kind or "rephrase")
     dtype = token_dtype(enc.n_vocab)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    store = SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads)
     counts = Counter()
-    try:
+    with SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads) as store:
         # synthetic records first: in latent mode their cut points decide how the real documents
         # are tokenized (piece by piece), so the real file is read once, after them
-        syn = read_synthetic(synthetic if mode != "real" else [], kind, G, keep_truncated, store, counts)
+        syn = read_synthetic(synthetic, kind, G, keep_truncated, store, counts)
         by_source = np.lexsort((syn["cut"], syn["source"]))   # each source's records together, by cut
         sorted_source = syn["source"][by_source]
 
@@ -346,8 +372,6 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
                 "records": dict(counts),
                 "seconds": round(time.time() - t0, 2),
             }
-    finally:
-        store.close()
     print_summary(out, summary, log)
     return summary
 
@@ -397,23 +421,28 @@ def arg_parser():
     ap.add_argument("--seed", type=int, default=0, help="seed of the document order")
     ap.add_argument("--tokenizer", default="gpt2", help="gpt2, gpt2:N (its first N ranks) or a tiktoken ranks file")
     ap.add_argument("--block_size", type=int, default=1024,
-                    help="train.py's context length, for the summary's share of windows "
+                    help="train.py's context length (>= 1), for the summary's share of windows "
                          "holding 2+ documents of one source")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="tokenizer threads (default: one per core)")
+                    help="tokenizer threads (>= 1; default: one per core)")
     ap.add_argument("--out_prefix", required=True, metavar="PREFIX",
                     help="output path prefix: writes PREFIX.bin, PREFIX.idx and PREFIX.json")
     return ap
 
 
 def main(argv=None):
-    """Exit codes: 0 packed; 2 bad flags or input (one line "error: ...")."""
+    """Exit codes: 0 packed; 2 bad flags or input (one line "error: ..."); 130 interrupted."""
     args = arg_parser().parse_args(argv)
     try:
         pack(args.real, args.out_prefix, args.mode, args.synthetic, args.G, args.real_position,
              args.synthetic_kind, args.seed, args.tokenizer, args.keep_truncated, args.block_size, args.threads)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError) as e:
         fail(e)
+    except OSError as e:   # an output that cannot be written (a read-only folder, a full disk)
+        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e)
+    except KeyboardInterrupt:   # pack()'s with blocks have removed the temporary files
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """pack.py: exact token ids, exact document order for every mode, token file round trips, bad input,
 the command line (underscore flags, one-line errors) and clean failures (no temporary file left, a
-token file already at the prefix untouched)."""
+token file already at the prefix untouched, also on Ctrl-C). About 15 s on 2 cores."""
 import glob
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -347,3 +349,102 @@ def test_cli_packs_with_every_flag(tmp_path, corpus):
 def test_cli_bad_input_is_one_line_error(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
     assert_one_line_error(cli("--real", path, "--out_prefix", tmp_path / "o"), f"error: {path}:1: malformed JSON")
+
+
+def sample_records(n_chars):
+    """Texts of the sample data, repeated until they hold n_chars characters."""
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "sample_data", "train.jsonl"), encoding="utf-8")]
+    out, total = [], 0
+    while total < n_chars:
+        r = rows[len(out) % len(rows)]
+        out.append({"id": f"{r['id']}#{len(out)}", "text": r["text"]})
+        total += len(r["text"])
+    return out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--block_size", "0"], "error: block_size must be >= 1, got 0"),
+    (["--block_size", "-5"], "error: block_size must be >= 1, got -5"),
+    (["--G", "0"], "error: G must be >= 1, got 0"),
+    (["--threads", "0"], "error: threads must be >= 1, got 0"),
+    (["--mode", "sorted"], "error: mode 'sorted' needs --synthetic records"),
+    (["--mode", "packed"], "error: argument --mode: invalid choice: 'packed'"),
+    (["--G", "two"], "error: argument --G: invalid int value: 'two'"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, corpus, args, message):
+    r = cli("--real", corpus[0], "--out_prefix", tmp_path / "new" / "o", *args)
+    assert_one_line_error(r, message)
+    assert not os.path.exists(tmp_path / "new")   # not even the output folder was made
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(block_size=0), "block_size must be >= 1"), (dict(block_size=-1), "block_size must be >= 1"),
+    (dict(G=0), "G must be >= 1"), (dict(threads=0), "threads must be >= 1"),
+    (dict(synthetic_kind="poem"), "unknown synthetic_kind 'poem'"), (dict(mode="packed"), "unknown mode 'packed'"),
+    (dict(real_position="middle"), "unknown real_position 'middle'"),
+])
+def test_pack_refuses_bad_settings(tmp_path, corpus, kw, message):
+    kw = {"mode": "sorted", **kw}
+    with pytest.raises(ValueError, match=message):
+        pack.pack(corpus[0], str(tmp_path / "new" / "o"), synthetic=[corpus[1]], log=lambda *a: None, **kw)
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_out_prefix_must_name_a_file(tmp_path, corpus):
+    r = cli("--real", corpus[0], "--out_prefix", str(tmp_path / "new") + os.sep)
+    assert_one_line_error(r, "names a folder")
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_file_errors_are_one_line(tmp_path, corpus):
+    bad = tmp_path / "latin1.jsonl"   # line 1 is a good real document and a good synthetic record
+    bad.write_bytes(json.dumps(SYNTH[0]).encode() + b"\n" + '{"id": "b", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    real, syn, out = corpus[0], corpus[1], tmp_path / "o"
+    cases = [
+        (["--real", tmp_path / "nope.jsonl"], f"error: --real {tmp_path / 'nope.jsonl'}: No such file or directory"),
+        (["--real", tmp_path], f"error: --real {tmp_path}: Is a directory"),
+        (["--real", real, "--mode", "sorted", "--synthetic", tmp_path], f"error: --synthetic {tmp_path}: Is a directory"),
+        (["--real", real, "--mode", "sorted", "--synthetic", syn, tmp_path / "nope.jsonl"],
+         f"error: --synthetic {tmp_path / 'nope.jsonl'}: No such file or directory"),
+        (["--real", bad], f"error: {bad}:2: not UTF-8 text (byte 0xe9 at byte 25 of the line)"),
+        (["--real", real, "--mode", "sorted", "--synthetic", bad], f"error: {bad}:2: not UTF-8 text"),
+        (["--real", empty], f"error: {empty}: no documents"),
+        (["--real", real, "--tokenizer", tmp_path / "no.tiktoken"],
+         f"error: --tokenizer {tmp_path / 'no.tiktoken'}: tokenizer ranks file not found"),
+        (["--real", real, "--tokenizer", tmp_path], f"error: --tokenizer {tmp_path}: Is a directory"),
+    ]
+    before = snapshot(tmp_path)
+    for args, message in cases:
+        assert_one_line_error(cli(*args, "--out_prefix", out), message)
+        assert snapshot(tmp_path) == before, args
+    # an output folder that cannot be made
+    assert_one_line_error(cli("--real", real, "--out_prefix", bad / "sub" / "o"), f"error: {bad / 'sub'}: Not a directory")
+    assert snapshot(tmp_path) == before
+
+
+def test_malformed_line_late_in_synthetic_leaves_no_trace(tmp_path, corpus, old_pack):
+    # 6M characters: a batch is being tokenized by the worker threads when the bad line is read
+    records = [{"id": r["id"] + "/rephrase/0", "source_id": r["id"], "kind": "rephrase", "index": 0, "text": r["text"]}
+               for r in sample_records(6e6)]
+    syn = write_jsonl(tmp_path / "big.jsonl", records + ['{"id": "late", "text": '])
+    r = cli("--real", corpus[0], "--synthetic", syn, "--mode", "sorted", "--threads", 2, "--out_prefix", old_pack[0])
+    assert_one_line_error(r, f"{syn}:{len(records) + 1}: malformed JSON")
+    assert snapshot(tmp_path / "out") == old_pack[1]   # no *.tmp, the old token file byte for byte
+
+
+def test_ctrl_c_while_tokenizing_leaves_no_trace(tmp_path, old_pack):
+    real = write_jsonl(tmp_path / "big.jsonl", sample_records(16e6))
+    segments = old_pack[0] + ".bin.segments.tmp"
+    p = cli("--real", real, "--threads", 2, "--out_prefix", old_pack[0], wait=False)
+    deadline = time.time() + 60
+    # once the store holds tokens, batches are being tokenized in the worker threads and the main thread
+    # waits for them or reads the next one
+    while p.poll() is None and not (os.path.exists(segments) and os.path.getsize(segments) > 0):
+        assert time.time() < deadline
+        time.sleep(0.005)
+    assert p.poll() is None, "pack.py finished before it could be interrupted: make the input larger"
+    p.send_signal(signal.SIGINT)
+    stderr = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and stderr == "interrupted\n", stderr
+    assert snapshot(tmp_path / "out") == old_pack[1]
