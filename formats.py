@@ -50,8 +50,13 @@ class DataError(Exception):
 
 def read_jsonl(path):
     """Yield (line number, object) for each non-blank line; a bad line is an error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:   # decoded line by line, so a byte that is not UTF-8 is on a known line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                f"{e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -153,9 +158,10 @@ class TokenFile:
 
 class TokenWriter:
     """Writes a token file document by document: `with TokenWriter(prefix, vocab_size, bos_id) as w:
-    w.add(...)`. OUT.bin and OUT.idx are written through atomic_open, so they appear under their
-    final names only when the block ends without an error; set `w.meta` inside the block to write
-    OUT.json as well."""
+    w.add(...)`; set `w.meta` inside the block to write OUT.json as well. Each file is written
+    through atomic_open, and they are renamed into place one after the other only once all are
+    written: an error or an interrupt before then leaves no temporary file and leaves a token file
+    already at the prefix untouched."""
 
     def __init__(self, prefix, vocab_size, bos_id):
         self.paths = file_paths(prefix)
@@ -166,11 +172,12 @@ class TokenWriter:
         self.meta = None
 
     def __enter__(self):
-        self.files = ExitStack()
-        self.bin = self.files.enter_context(atomic_open(self.paths[0]))
-        self.idx = self.files.enter_context(atomic_open(self.paths[1]))
-        self.bin.write(bytes(HEADER_BYTES))
-        self.idx.write(bytes(HEADER_BYTES))
+        with ExitStack() as files:   # an error in here removes what was opened
+            self.bin = files.enter_context(atomic_open(self.paths[0]))
+            self.idx = files.enter_context(atomic_open(self.paths[1]))
+            self.bin.write(bytes(HEADER_BYTES))
+            self.idx.write(bytes(HEADER_BYTES))
+            self.files = files.pop_all()
         return self
 
     def add(self, kind, group, pieces):
@@ -196,15 +203,16 @@ class TokenWriter:
         return np.fromfile(self.idx.name, dtype=INDEX_RECORD, offset=HEADER_BYTES)
 
     def __exit__(self, *exc):
-        if exc[0] is None:
+        if exc[0] is not None:
+            self.files.__exit__(*exc)   # removes every temporary file
+            return False
+        with self.files:   # on leaving: every file renamed into place or, after an error, every one removed
             self.flush()
             self.bin.seek(0)
             self.bin.write(TOKEN_MAGIC + np.array([FORMAT_VERSION, self.dtype.itemsize, self.n_tokens,
                                                    self.vocab_size, self.bos_id], dtype="<u8").tobytes())
             self.idx.seek(0)
             self.idx.write(INDEX_MAGIC + np.array([FORMAT_VERSION, self.n_docs, self.n_tokens], dtype="<u8").tobytes())
-        self.files.__exit__(*exc)   # rename both into place, or remove both temporary files
-        if exc[0] is None and self.meta is not None:
-            with atomic_open(self.paths[2], "w") as f:
-                json.dump(self.meta, f, indent=1)
+            if self.meta is not None:
+                json.dump(self.meta, self.files.enter_context(atomic_open(self.paths[2], "w")), indent=1)
         return False

@@ -1,33 +1,35 @@
-"""
+r"""
 pack.py: tokenize real and synthetic documents and pack them into one token file per stream.
 
-    python pack.py --real sample_data/train.jsonl --mode real --out out/data/real
+    python pack.py --real sample_data/train.jsonl --mode real --out_prefix out/data/real
     python pack.py --real sample_data/train.jsonl --synthetic sample_data/synthetic/rephrase.jsonl \
-        --mode sorted --G 4 --out out/data/sorted          # megadocs, real document last
-    python pack.py ... --mode sorted --real-position front  # or: none (no real document)
-    python pack.py ... --mode shuffled                      # rephrases as separate documents
+        --mode sorted --G 4 --out_prefix out/data/sorted     # megadocs, real document last
+    python pack.py ... --mode sorted --real_position front    # or: none (no real document)
+    python pack.py ... --mode shuffled                        # rephrases as separate documents
     python pack.py --real ... --synthetic sample_data/synthetic/latent.jsonl --mode latent --G 2
 
 Reads:  real documents, JSONL {"id", "text", ...}; synthetic records written by generate.py,
         JSONL {"id", "source_id", "kind", "index", "text", "finish_reason", ...} (+ "cut_char" for latent).
-Writes: a token file (format in formats.py): OUT.bin (uint16/uint32 tokens), OUT.idx (one record
-        per document: start offset, source-group id, kind), OUT.json (the pack's settings and
-        summary: documents and tokens per kind, ...).
+Writes: a token file (format in formats.py) at --out_prefix PREFIX: PREFIX.bin (uint16/uint32
+        tokens), PREFIX.idx (one record per document: start offset, source-group id, kind),
+        PREFIX.json (the pack's settings and summary: documents and tokens per kind, ...).
+        They appear only when complete: after an error (one line "error: ...", exit 2) or Ctrl-C
+        (exit 130) no temporary file is left and a token file already at PREFIX is untouched.
 
 Every document starts with the BOS token (<|endoftext|> for GPT-2). Documents are joined into one
-stream; train.py cuts it into fixed windows, so a megadoc longer than the context continues in the
-next window. The source-group id of a document is the index of its real source document, which is
-what the `megadoc` attention mask compares.
+stream; train.py cuts it into fixed windows of --block_size tokens, so a megadoc longer than that
+continues in the next window. The source-group id of a document is the index of its real source
+document, which is what the `megadoc` attention mask compares.
 
 The stream modes (G = generations used per source: those with index < G, so one generation run at
 G = 32 serves every smaller G):
   real      real documents only, shuffled.
   shuffled  real documents + every rephrase as its own document, all shuffled together.
   sorted    one megadoc per source: its G rephrases in index order, then the real document
-            (--real-position back, the paper's default; or front; or none). Megadocs are shuffled.
+            (--real_position back, the paper's default; or front; or none). Megadocs are shuffled.
   latent    one stretched document per source: the real text cut at the thoughts' cut points,
             with each thought inserted at its cut between THOUGHT_OPEN and THOUGHT_CLOSE.
-Self-distillation samples are packed like rephrases (--synthetic-kind self-distill).
+Self-distillation samples are packed like rephrases (--synthetic_kind self-distill).
 
 Memory does not grow with the corpus text: documents are read and tokenized in batches into a
 temporary token store on disk, and only a few integers per document stay in memory.
@@ -64,10 +66,16 @@ class SegmentStore:
 
     def __init__(self, path, enc, dtype, threads, batch_chars=1 << 22):
         self.path, self.enc, self.dtype, self.threads = path, enc, dtype, threads
-        self.file = open(path, "wb")
         self.offsets, self.lengths = array.array("q"), array.array("q")
         self.queue, self.queued_chars, self.n_added, self.n_written, self.batch_chars = [], 0, 0, 0, batch_chars
         self.workers, self.in_flight, self.fd = ThreadPoolExecutor(threads), [], None
+        self.file = open(path, "wb")   # last: if anything above fails, there is no file to remove
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def add(self, text):
         self.queue.append(text)
@@ -109,12 +117,14 @@ class SegmentStore:
         return np.frombuffer(os.pread(self.fd, self.lengths[segment] * size, self.offsets[segment] * size), self.dtype)
 
     def close(self):
-        self.workers.shutdown(cancel_futures=True)
+        """Remove the temporary file, then stop the workers. The file goes first: waiting for the
+        workers to finish the slices they are encoding can take a second, and a second Ctrl-C then
+        must not leave it behind."""
+        os.remove(self.path)
+        self.file.close()
         if self.fd is not None:
             os.close(self.fd)
-        if not self.file.closed:
-            self.file.close()
-        os.remove(self.path)
+        self.workers.shutdown(cancel_futures=True)
 
 
 def id_hash(*parts):
@@ -243,13 +253,13 @@ def document_order(mode, n_real, syn_source, syn_index, real_position, rng):
     return what[order], item[order], group[order]
 
 
-def windows_with_repeated_source(starts, groups, n_tokens, context):
-    """Share of context windows (train.py's fixed cut) that hold >= 2 documents of one source."""
-    n_windows = max((n_tokens - 1) // context, 0)
+def windows_with_repeated_source(starts, groups, n_tokens, block_size):
+    """Share of block_size windows (train.py's fixed cut) that hold >= 2 documents of one source."""
+    n_windows = max((n_tokens - 1) // block_size, 0)
     if n_windows == 0:
         return 0.0
     ends = np.append(starts[1:], n_tokens)
-    first, last = starts // context, np.minimum((ends - 1) // context, n_windows - 1)
+    first, last = starts // block_size, np.minimum((ends - 1) // block_size, n_windows - 1)
     keep = first < n_windows
     first, last, groups = first[keep], last[keep], groups[keep]
     span = last - first + 1
@@ -259,29 +269,50 @@ def windows_with_repeated_source(starts, groups, n_tokens, context):
     return len(np.unique(keys[counts >= 2] // (groups.max() + 1))) / n_windows
 
 
+MODES = ("real", "shuffled", "sorted", "latent")
+REAL_POSITIONS = ("back", "front", "none")
+SYNTHETIC_KINDS = ("rephrase", "self-distill")
+
+
 def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
-         synthetic_kind=None, seed=0, tokenizer="gpt2", keep_truncated=False, context=1024,
+         synthetic_kind=None, seed=0, tokenizer="gpt2", keep_truncated=False, block_size=1024,
          threads=8, log=print):
-    """Pack one stream; returns its summary (also written to OUT.json)."""
-    if mode not in ("real", "shuffled", "sorted", "latent"):
-        raise ValueError(f"unknown mode {mode!r}")
+    """Pack one stream into the token file at prefix `out`; returns its summary (also written to
+    OUT.json). Before any work is done, a setting it cannot use is a ValueError and an input or
+    tokenizer file it cannot open a DataError; bad input found later is a DataError naming file
+    and line."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
     if mode != "real" and not synthetic:
         raise ValueError(f"mode {mode!r} needs --synthetic records")
-    if real_position not in ("back", "front", "none"):
-        raise ValueError(f"unknown real position {real_position!r}")
-    if G < 1:
-        raise ValueError("G must be >= 1")
-    kind = "latent" if mode == "latent" else (synthetic_kind or "rephrase")
+    if real_position not in REAL_POSITIONS:
+        raise ValueError(f"unknown real_position {real_position!r} (expected one of {REAL_POSITIONS})")
+    if synthetic_kind not in (None,) + SYNTHETIC_KINDS:
+        raise ValueError(f"unknown synthetic_kind {synthetic_kind!r} (expected one of {SYNTHETIC_KINDS})")
+    for name, value in (("G", G), ("block_size", block_size), ("threads", threads)):
+        if not value >= 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not os.path.basename(out):
+        raise ValueError(f"the output prefix {out!r} names a folder; add a file name (it writes PREFIX.bin, ...)")
+    synthetic = list(synthetic) if mode != "real" else []
+    for flag, path in [("--real", real_path)] + [("--synthetic", p) for p in synthetic]:
+        try:   # a missing input fails now, not after the others were read
+            open(path, "rb").close()
+        except OSError as e:
+            raise DataError(f"{flag} {path}: {e.strerror}") from None
     t0 = time.time()
-    enc, bos_id = load_tokenizer(tokenizer)
+    try:
+        enc, bos_id = load_tokenizer(tokenizer)
+    except OSError as e:   # (a bad gpt2:N or a bad ranks line is a ValueError that names it)
+        raise DataError(f"--tokenizer {tokenizer}: {e.strerror or e}") from None
+    kind = "latent" if mode == "latent" else (synthetic_kind or "rephrase")
     dtype = token_dtype(enc.n_vocab)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    store = SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads)
     counts = Counter()
-    try:
+    with SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads) as store:
         # synthetic records first: in latent mode their cut points decide how the real documents
         # are tokenized (piece by piece), so the real file is read once, after them
-        syn = read_synthetic(synthetic if mode != "real" else [], kind, G, keep_truncated, store, counts)
+        syn = read_synthetic(synthetic, kind, G, keep_truncated, store, counts)
         by_source = np.lexsort((syn["cut"], syn["source"]))   # each source's records together, by cut
         sorted_source = syn["source"][by_source]
 
@@ -335,14 +366,12 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
                 "sources with fewer than G generations": int(n_real - np.sum(
                     np.bincount(syn_source, minlength=n_real) >= G)) if mode != "real" else None,
                 "mean megadoc tokens": writer.n_tokens / max(n_groups, 1),
-                "context": context,
+                "block_size": block_size,
                 "windows with 2+ documents of one source": windows_with_repeated_source(
-                    index["start"], index["group"], writer.n_tokens, context),
+                    index["start"], index["group"], writer.n_tokens, block_size),
                 "records": dict(counts),
                 "seconds": round(time.time() - t0, 2),
             }
-    finally:
-        store.close()
     print_summary(out, summary, log)
     return summary
 
@@ -353,7 +382,7 @@ def print_summary(out, s, log=print):
     for k, v in s["per_kind"].items():
         log(f"  {k:<13} {v['documents']:>9,} documents {v['tokens']:>12,} tokens")
     log(f"  mean megadoc (source group) length: {s['mean megadoc tokens']:,.1f} tokens")
-    log(f"  context windows of {s['context']} holding 2+ documents of one source: "
+    log(f"  windows of block_size {s['block_size']} holding 2+ documents of one source: "
         f"{100 * s['windows with 2+ documents of one source']:.1f}%")
     if s["mode"] != "real":
         log(f"  sources with generations: {s['sources with generations']:,} of {s['sources']:,}; "
@@ -362,27 +391,58 @@ def print_summary(out, s, log=print):
         log(f"  {k}: {v}")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def fail(message):
+    """Stop with one line "error: ..." on stderr and exit code 2."""
+    print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):   # one line, like every other error of pack.py
+        fail(f"{message} (see python pack.py --help)")
+
+
+def arg_parser():
+    # allow_abbrev=False: an old flag that is a prefix of a new one (--out of --out_prefix) is refused, not taken
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--real", required=True, help="real documents, JSONL {id, text}")
-    ap.add_argument("--synthetic", nargs="*", default=[], help="generate.py output files (JSONL)")
-    ap.add_argument("--mode", default="real", choices=["real", "shuffled", "sorted", "latent"])
-    ap.add_argument("--G", type=int, default=1, help="use generations with index < G per source")
-    ap.add_argument("--real-position", default="back", choices=["back", "front", "none"],
-                    help="sorted: where the real document goes in its megadoc; none drops it (also in shuffled)")
-    ap.add_argument("--synthetic-kind", default="rephrase", choices=["rephrase", "self-distill"])
-    ap.add_argument("--keep-truncated", action="store_true", help="keep generations cut at the length limit")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tiktoken ranks file")
-    ap.add_argument("--context", type=int, default=1024, help="window length for the summary statistic")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", required=True, help="output prefix: writes OUT.bin, OUT.idx, OUT.json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--synthetic", nargs="*", default=[], metavar="FILE",
+                    help="generate.py output files, JSONL (needed by every mode but real)")
+    ap.add_argument("--mode", default="real", choices=MODES,
+                    help="the stream: real, shuffled, sorted (megadocs) or latent (see above)")
+    ap.add_argument("--G", type=int, default=1, help="use the generations with index < G of each source (>= 1)")
+    ap.add_argument("--real_position", default="back", choices=REAL_POSITIONS,
+                    help="sorted: the real document goes at the back or front of its megadoc; "
+                         "none drops it (in shuffled too)")
+    ap.add_argument("--synthetic_kind", default="rephrase", choices=SYNTHETIC_KINDS,
+                    help="the records that shuffled and sorted pack: rephrase or self-distill")
+    ap.add_argument("--keep_truncated", action="store_true",
+                    help="keep generations cut at the length limit (finish_reason 'length')")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the document order")
+    ap.add_argument("--tokenizer", default="gpt2", help="gpt2, gpt2:N (its first N ranks) or a tiktoken ranks file")
+    ap.add_argument("--block_size", type=int, default=1024,
+                    help="train.py's context length (>= 1), for the summary's share of windows "
+                         "holding 2+ documents of one source")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="tokenizer threads (>= 1; default: one per core)")
+    ap.add_argument("--out_prefix", required=True, metavar="PREFIX",
+                    help="output path prefix: writes PREFIX.bin, PREFIX.idx and PREFIX.json")
+    return ap
+
+
+def main(argv=None):
+    """Exit codes: 0 packed; 2 bad flags or input (one line "error: ..."); 130 interrupted."""
+    args = arg_parser().parse_args(argv)
     try:
-        pack(args.real, args.out, args.mode, args.synthetic, args.G, args.real_position,
-             args.synthetic_kind, args.seed, args.tokenizer, args.keep_truncated, args.context, args.threads)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        pack(args.real, args.out_prefix, args.mode, args.synthetic, args.G, args.real_position,
+             args.synthetic_kind, args.seed, args.tokenizer, args.keep_truncated, args.block_size, args.threads)
+    except (DataError, ValueError) as e:
+        fail(e)
+    except OSError as e:   # an output that cannot be written (a read-only folder, a full disk)
+        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e)
+    except KeyboardInterrupt:   # pack()'s with blocks have removed the temporary files
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

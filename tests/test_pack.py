@@ -1,14 +1,21 @@
-"""pack.py: exact token ids, exact document order for every mode, token file round trips, bad input."""
+"""pack.py: exact token ids, exact document order for every mode, token file round trips, bad input,
+the command line (underscore flags, one-line errors) and clean failures (no temporary file left, a
+token file already at the prefix untouched, also on Ctrl-C). About 15 s on 2 cores."""
+import glob
 import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 import pack
-from formats import DataError, KINDS, TokenFile
+from formats import DataError, KINDS, TokenFile, read_jsonl
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +170,7 @@ def test_deterministic_for_a_seed(tmp_path, corpus):
 
 
 def test_windows_with_repeated_source():
-    # documents at 0, 3, 6, 9 of groups 0, 0, 1, 2 in 12 tokens; context 4 -> windows [0,4) [4,8)
+    # documents at 0, 3, 6, 9 of groups 0, 0, 1, 2 in 12 tokens; block_size 4 -> windows [0,4) [4,8)
     starts, groups = np.array([0, 3, 6, 9]), np.array([0, 0, 1, 2])
     assert pack.windows_with_repeated_source(starts, groups, 12, 4) == 0.5
 
@@ -194,6 +201,7 @@ def test_bad_synthetic_input_names_file_and_line(tmp_path, record, message):
     with pytest.raises(DataError, match=message) as e:
         pack.pack(real, str(tmp_path / "o"), "sorted", [syn], G=2, log=lambda *a: None)
     assert f"syn.jsonl:{len(SYNTH) + 1}" in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["real.jsonl", "syn.jsonl"]
 
 
 def test_latent_cut_outside_document(tmp_path):
@@ -222,12 +230,6 @@ def test_corrupt_token_files_refused(tmp_path, corpus):
         TokenFile(str(tmp_path / "missing"))
 
 
-def test_cli_error_exit(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
-    with pytest.raises(SystemExit, match=r"error: .*bad.jsonl:1: malformed JSON"):
-        pack.main(["--real", path, "--out", str(tmp_path / "o")])
-
-
 def test_llama3_shaped_ranks_file(tmp_path):
     # a 128,000-rank file gets Llama 3's 256 special tokens and pattern; BOS is <|begin_of_text|>
     import base64
@@ -239,3 +241,210 @@ def test_llama3_shaped_ranks_file(tmp_path):
     assert enc.encode("<|end_of_text|><|eot_id|><|reserved_special_token_247|>", allowed_special="all") == [128001, 128009, 128255]
     assert enc.encode_ordinary("ab 12345") == [97, 98, 32, 49, 50, 51, 52, 53]
     assert pack.token_dtype(enc.n_vocab) == np.uint32
+
+
+# -----------------------------------------------------------------------------
+# the command line and clean failures
+
+def snapshot(folder):
+    """Every file under `folder` (recursively) and its bytes."""
+    return {os.path.relpath(p, folder): open(p, "rb").read()
+            for p in glob.glob(os.path.join(folder, "**"), recursive=True) if os.path.isfile(p)}
+
+
+@pytest.fixture
+def old_pack(tmp_path, corpus):
+    """A complete token file at tmp_path/out/o (that a failed re-pack must leave as it is)."""
+    pack.pack(corpus[0], str(tmp_path / "out" / "o"), log=lambda *a: None)
+    return str(tmp_path / "out" / "o"), snapshot(tmp_path / "out")
+
+
+def test_read_jsonl_names_the_line_that_is_not_utf8(tmp_path):
+    # a first line longer than text mode's 8 KiB decoding block: the bad byte is found on line 3 exactly
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"id": "a", "text": "x" * 20000}).encode() + b"\n\n" +
+                     '{"id": "b", "text": "caf\u00e9"}\n'.encode("latin-1") + b'{"id": "c", "text": "d"}\n')
+    lines = []
+    with pytest.raises(DataError, match=r"latin1.jsonl:3: not UTF-8 text \(byte 0xe9 at byte 25 of the line\)"):
+        for lineno, _ in read_jsonl(str(path)):
+            lines.append(lineno)
+    assert lines == [1]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt, TypeError])
+def test_failure_while_writing_leaves_no_trace(tmp_path, corpus, old_pack, monkeypatch, failure):
+    # windows_with_repeated_source runs inside the TokenWriter block, once every document is written;
+    # TypeError: it returns a summary that is not JSON, which fails when OUT.json is written, after
+    # OUT.bin and OUT.idx are complete
+    def broken(*args):
+        if failure is TypeError:
+            return object()
+        raise failure
+    monkeypatch.setattr(pack, "windows_with_repeated_source", broken)
+    with pytest.raises(failure):
+        pack.pack(corpus[0], old_pack[0], "sorted", [corpus[1]], G=2, log=lambda *a: None)
+    assert snapshot(tmp_path / "out") == old_pack[1]
+    with pytest.raises(failure):   # and with no token file there before
+        pack.pack(corpus[0], str(tmp_path / "new" / "o"), "sorted", [corpus[1]], G=2, log=lambda *a: None)
+    assert os.listdir(tmp_path / "new") == []
+
+
+def cli(*args, wait=True):
+    """python pack.py ARGS in a subprocess: the CompletedProcess, or the Popen with wait=False."""
+    cmd = [sys.executable, os.path.join(ROOT, "pack.py"), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(r, message):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert message in r.stderr, r.stderr
+
+
+FLAGS = {"--real", "--synthetic", "--mode", "--G", "--real_position", "--synthetic_kind", "--keep_truncated",
+         "--seed", "--tokenizer", "--block_size", "--threads", "--out_prefix"}
+
+
+def test_help_underscore_flags_each_with_help(capsys):
+    actions = [a for a in pack.arg_parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert {o for a in actions for o in a.option_strings} == FLAGS
+    for a in actions:
+        assert a.help and len(a.option_strings) == 1, a.option_strings
+        for choice in a.choices or []:
+            assert choice in a.help, (a.option_strings, choice)   # the choices are explained in words too
+    with pytest.raises(SystemExit) as e:
+        pack.main(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    # the docstring's usage examples print as written: a line continued with a backslash, new flag names
+    assert "synthetic/rephrase.jsonl \\\n        --mode sorted --G 4 --out_prefix out/data/sorted" in text
+    assert "--mode sorted --real_position front" in text
+    assert not [w for w in text.split() if w.startswith("--") and "-" in w[2:]]   # no hyphenated flag anywhere
+
+
+@pytest.mark.parametrize("old", [["--out", "o"], ["--context", "64"], ["--real-position", "front"],
+                                 ["--synthetic-kind", "rephrase"], ["--keep-truncated"]])
+def test_old_flag_spellings_refused(tmp_path, corpus, old):
+    r = cli("--real", corpus[0], "--out_prefix", tmp_path / "o", *old)
+    assert_one_line_error(r, "unrecognized arguments: " + old[0])
+    assert sorted(os.listdir(tmp_path)) == ["real.jsonl", "synth.jsonl"]
+
+
+def test_cli_packs_with_every_flag(tmp_path, corpus):
+    r = cli("--real", corpus[0], "--synthetic", corpus[1], "--mode", "sorted", "--G", 2, "--real_position", "front",
+            "--synthetic_kind", "rephrase", "--keep_truncated", "--seed", 3, "--tokenizer", "gpt2",
+            "--block_size", 16, "--threads", 1, "--out_prefix", tmp_path / "out" / "s")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "windows of block_size 16 holding 2+ documents of one source" in r.stdout
+    meta = TokenFile(str(tmp_path / "out" / "s")).meta
+    assert meta["block_size"] == 16 and "context" not in meta
+    assert (meta["mode"], meta["G"], meta["real_position"], meta["seed"]) == ("sorted", 2, "front", 3)
+    assert meta["per_kind"]["rephrase"]["documents"] == 4   # A0, A1, B0 and the truncated B1
+    assert meta["windows with 2+ documents of one source"] > 0
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
+    assert_one_line_error(cli("--real", path, "--out_prefix", tmp_path / "o"), f"error: {path}:1: malformed JSON")
+
+
+def sample_records(n_chars):
+    """Texts of the sample data, repeated until they hold n_chars characters."""
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "sample_data", "train.jsonl"), encoding="utf-8")]
+    out, total = [], 0
+    while total < n_chars:
+        r = rows[len(out) % len(rows)]
+        out.append({"id": f"{r['id']}#{len(out)}", "text": r["text"]})
+        total += len(r["text"])
+    return out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--block_size", "0"], "error: block_size must be >= 1, got 0"),
+    (["--block_size", "-5"], "error: block_size must be >= 1, got -5"),
+    (["--G", "0"], "error: G must be >= 1, got 0"),
+    (["--threads", "0"], "error: threads must be >= 1, got 0"),
+    (["--mode", "sorted"], "error: mode 'sorted' needs --synthetic records"),
+    (["--mode", "packed"], "error: argument --mode: invalid choice: 'packed'"),
+    (["--G", "two"], "error: argument --G: invalid int value: 'two'"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, corpus, args, message):
+    r = cli("--real", corpus[0], "--out_prefix", tmp_path / "new" / "o", *args)
+    assert_one_line_error(r, message)
+    assert not os.path.exists(tmp_path / "new")   # not even the output folder was made
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(block_size=0), "block_size must be >= 1"), (dict(block_size=-1), "block_size must be >= 1"),
+    (dict(G=0), "G must be >= 1"), (dict(threads=0), "threads must be >= 1"),
+    (dict(synthetic_kind="poem"), "unknown synthetic_kind 'poem'"), (dict(mode="packed"), "unknown mode 'packed'"),
+    (dict(real_position="middle"), "unknown real_position 'middle'"),
+])
+def test_pack_refuses_bad_settings(tmp_path, corpus, kw, message):
+    kw = {"mode": "sorted", **kw}
+    with pytest.raises(ValueError, match=message):
+        pack.pack(corpus[0], str(tmp_path / "new" / "o"), synthetic=[corpus[1]], log=lambda *a: None, **kw)
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_out_prefix_must_name_a_file(tmp_path, corpus):
+    r = cli("--real", corpus[0], "--out_prefix", str(tmp_path / "new") + os.sep)
+    assert_one_line_error(r, "names a folder")
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_file_errors_are_one_line(tmp_path, corpus):
+    bad = tmp_path / "latin1.jsonl"   # line 1 is a good real document and a good synthetic record
+    bad.write_bytes(json.dumps(SYNTH[0]).encode() + b"\n" + '{"id": "b", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    real, syn, out = corpus[0], corpus[1], tmp_path / "o"
+    cases = [
+        (["--real", tmp_path / "nope.jsonl"], f"error: --real {tmp_path / 'nope.jsonl'}: No such file or directory"),
+        (["--real", tmp_path], f"error: --real {tmp_path}: Is a directory"),
+        (["--real", real, "--mode", "sorted", "--synthetic", tmp_path], f"error: --synthetic {tmp_path}: Is a directory"),
+        (["--real", real, "--mode", "sorted", "--synthetic", syn, tmp_path / "nope.jsonl"],
+         f"error: --synthetic {tmp_path / 'nope.jsonl'}: No such file or directory"),
+        (["--real", bad], f"error: {bad}:2: not UTF-8 text (byte 0xe9 at byte 25 of the line)"),
+        (["--real", real, "--mode", "sorted", "--synthetic", bad], f"error: {bad}:2: not UTF-8 text"),
+        (["--real", empty], f"error: {empty}: no documents"),
+        (["--real", real, "--tokenizer", tmp_path / "no.tiktoken"],
+         f"error: --tokenizer {tmp_path / 'no.tiktoken'}: tokenizer ranks file not found"),
+        (["--real", real, "--tokenizer", tmp_path], f"error: --tokenizer {tmp_path}: Is a directory"),
+    ]
+    before = snapshot(tmp_path)
+    for args, message in cases:
+        assert_one_line_error(cli(*args, "--out_prefix", out), message)
+        assert snapshot(tmp_path) == before, args
+    # an output folder that cannot be made
+    assert_one_line_error(cli("--real", real, "--out_prefix", bad / "sub" / "o"), f"error: {bad / 'sub'}: Not a directory")
+    assert snapshot(tmp_path) == before
+
+
+def test_malformed_line_late_in_synthetic_leaves_no_trace(tmp_path, corpus, old_pack):
+    # 6M characters: a batch is being tokenized by the worker threads when the bad line is read
+    records = [{"id": r["id"] + "/rephrase/0", "source_id": r["id"], "kind": "rephrase", "index": 0, "text": r["text"]}
+               for r in sample_records(6e6)]
+    syn = write_jsonl(tmp_path / "big.jsonl", records + ['{"id": "late", "text": '])
+    r = cli("--real", corpus[0], "--synthetic", syn, "--mode", "sorted", "--threads", 2, "--out_prefix", old_pack[0])
+    assert_one_line_error(r, f"{syn}:{len(records) + 1}: malformed JSON")
+    assert snapshot(tmp_path / "out") == old_pack[1]   # no *.tmp, the old token file byte for byte
+
+
+def test_ctrl_c_while_tokenizing_leaves_no_trace(tmp_path, old_pack):
+    real = write_jsonl(tmp_path / "big.jsonl", sample_records(16e6))
+    segments = old_pack[0] + ".bin.segments.tmp"
+    p = cli("--real", real, "--threads", 2, "--out_prefix", old_pack[0], wait=False)
+    deadline = time.time() + 60
+    # once the store holds tokens, batches are being tokenized in the worker threads and the main thread
+    # waits for them or reads the next one
+    while p.poll() is None and not (os.path.exists(segments) and os.path.getsize(segments) > 0):
+        assert time.time() < deadline
+        time.sleep(0.005)
+    assert p.poll() is None, "pack.py finished before it could be interrupted: make the input larger"
+    p.send_signal(signal.SIGINT)
+    stderr = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and stderr == "interrupted\n", stderr
+    assert snapshot(tmp_path / "out") == old_pack[1]
