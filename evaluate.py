@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from formats import TokenFile
+from formats import DataError, TokenFile
 from model import document_ids, load_model
 
 # -----------------------------------------------------------------------------
@@ -95,12 +95,15 @@ def loss_by_position(model, tf, mask, batch_size, device, ctx=nullcontext()):
     return buckets
 
 
-def evaluate_model(model, val, test=None, long=None, mask="causal", batch_size=16, device="cpu", ctx=nullcontext()):
+def evaluate_model(model, val, test=None, long=None, mask="causal", batch_size=16, device="cpu", ctx=nullcontext(),
+                   train=None):
     """{"val_loss"} on the held-out token file `val`, "test_loss" on a second held-out split when
-    given, and "long_loss" and "long_loss_by_position" when a token file of long documents is
-    given. Leaves the model in train mode."""
+    given, "long_loss" and "long_loss_by_position" when a token file of long documents is given, and
+    "train_loss" on the training tokens when given. Leaves the model in train mode."""
     model.eval()
     metrics = {"val_loss": stream_loss(model, val, mask, batch_size, device, ctx)}
+    if train is not None:
+        metrics["train_loss"] = stream_loss(model, train, mask, batch_size, device, ctx)
     if test is not None:
         metrics["test_loss"] = stream_loss(model, test, mask, batch_size, device, ctx)
     if long is not None:
@@ -123,6 +126,10 @@ def ensemble_loss(ckpt_paths, val_prefix, batch_size=16, device="cpu"):
     if any((c["block_size"], c["mask"]) != (T, mask) for c in cfgs):
         raise ValueError("ensemble members must share block_size and mask kind")
     tf = TokenFile(val_prefix)
+    vocab = min(m.config.vocab_size for m, _ in members)
+    if tf.vocab_size > vocab:
+        raise ValueError(f"{tf.bin_path} has a vocabulary of {tf.vocab_size} ids, more than the members' {vocab}: "
+                         "pack it with the tokenizer the models were trained with")
     total, count = 0.0, 0
     for tokens, groups, valid in eval_batches(tf, T, batch_size):
         x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
@@ -317,19 +324,22 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="command", required=True)
     e = sub.add_parser("ensemble", help="loss of the probability-averaged ensemble of checkpoints")
     e.add_argument("--val", required=True, help="pack.py prefix of the held-out real tokens")
-    e.add_argument("ckpts", nargs="+")
+    e.add_argument("ckpts", nargs="+", help="checkpoints written by train.py (the ensemble's members)")
     f = sub.add_parser("fit", help="fit L(x) = A / x^B + C")
-    f.add_argument("x", type=float, nargs="+")
-    f.add_argument("--loss", type=float, nargs="+", required=True)
+    f.add_argument("x", type=float, nargs="+", help="x of each point (parameters, members, real tokens)")
+    f.add_argument("--loss", type=float, nargs="+", required=True, help="the loss at each x")
     args = ap.parse_args(argv)
-    if args.command == "ensemble":
-        for k in range(1, len(args.ckpts) + 1):
-            print(f"K = {k}: ensemble loss {ensemble_loss(args.ckpts[:k], args.val):.4f}")
-    else:
-        if len(args.x) != len(args.loss):
-            sys.exit("error: as many --loss values as x values")
-        A, B, C = fit_power_law(args.x, args.loss)
-        print(f"L(x) = {A:.4g} / x^{B:.4g} + {C:.4f}   (asymptote {C:.4f})")
+    try:
+        if args.command == "ensemble":
+            for k in range(1, len(args.ckpts) + 1):
+                print(f"K = {k}: ensemble loss {ensemble_loss(args.ckpts[:k], args.val):.4f}")
+        else:
+            if len(args.x) != len(args.loss):
+                raise ValueError(f"{len(args.x)} x values but {len(args.loss)} --loss values")
+            A, B, C = fit_power_law(args.x, args.loss)
+            print(f"L(x) = {A:.4g} / x^{B:.4g} + {C:.4f}   (asymptote {C:.4f})")
+    except (ValueError, FileNotFoundError, DataError) as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -74,11 +74,12 @@ def last_lines(path, n=15):
         return "".join(f.readlines()[-n:])
 
 
-def run_all(runs, jobs=1, threads=None, cost=None, log=print):
+def run_all(runs, jobs=1, threads=None, cost=None, later=0.0, log=print):
     """runs: {out_dir: [train.py arguments]}. Runs what is not finished, `jobs` at a time, each with
     `threads` torch threads; returns {out_dir: summary}. cost: {out_dir: relative cost} (e.g. tokens
     to train) for the ETA and to start the longest runs first; by default all runs cost the same.
-    A failed run stops everything with its log's last lines."""
+    later: the cost of work that will follow these runs, counted in the ETA. A failed run stops
+    everything with its log's last lines."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     cost = cost or {}
@@ -104,7 +105,7 @@ def run_all(runs, jobs=1, threads=None, cost=None, log=print):
             elapsed = time.time() - t0
             s = finished(out_dir)
             log(f"  [{i}/{len(todo)}] {os.path.relpath(out_dir)}: val loss {s['val_loss']:.4f} | elapsed "
-                f"{elapsed / 60:.1f} min | ETA {elapsed * (total - done) / done / 60:.1f} min")
+                f"{elapsed / 60:.1f} min | ETA {elapsed * (total + later - done) / done / 60:.1f} min")
     return {d: finished(d) for d in runs}
 
 

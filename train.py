@@ -91,10 +91,11 @@ class TrainConfig:
     ckpt_interval: int = arg(100, "steps between checkpoints")
     eval_batch_size: int = arg(16, "sequences per evaluation batch")
     halt_at: int = arg(0, "stop after this step as if preempted (0: never; tests resume from here)")
+    eval_train: bool = arg(False, "also measure the loss on the real training tokens (train_loss) at evaluation")
 
 
 # fields that do not change what a run computes: a resumed run may change them
-RESUMABLE_CHANGES = {"val", "test", "long", "device", "compile", "out_dir", "log_interval", "eval_interval",
+RESUMABLE_CHANGES = {"val", "test", "long", "eval_train", "device", "compile", "out_dir", "log_interval", "eval_interval",
                      "ckpt_interval", "eval_batch_size", "halt_at"}
 
 
@@ -427,7 +428,7 @@ def main(argv=None):
             record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s})
         if master and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == steps):
             metrics = evaluate_model(model, data["val"], data.get("test"), data.get("long"), cfg.mask,
-                                     cfg.eval_batch_size, device, ctx)
+                                     cfg.eval_batch_size, device, ctx, train=data["real"] if cfg.eval_train else None)
             log(f"eval step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()
                                                   if isinstance(v, float)))
             record({"step": step, **metrics})
@@ -444,7 +445,7 @@ def main(argv=None):
     if master and step == steps:
         if not metrics:   # finished before a crash that came between the last checkpoint and the summary
             metrics = evaluate_model(model, data["val"], data.get("test"), data.get("long"), cfg.mask,
-                                     cfg.eval_batch_size, device, ctx)
+                                     cfg.eval_batch_size, device, ctx, train=data["real"] if cfg.eval_train else None)
         summary = {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
                    "params": model.num_params(), "steps": steps, "real_windows": real.n,
                    "real_sequences_seen": steps * n_real, "synthetic_sequences_seen": steps * n_syn,

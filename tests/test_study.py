@@ -1,7 +1,10 @@
-"""evaluate.py, sweep.py and the sample synthetic data; a tiny pack -> train -> evaluate pipeline."""
+"""evaluate.py and sweep.py: fits, data efficiency, ensembles, one-line errors; a tiny pack -> train
+-> sweep -> evaluate pipeline."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,11 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH = os.path.join(ROOT, "sample_data", "synthetic")
 TINY = ["--model", "cpu-2x64", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--mlp_hidden", "64",
         "--block_size", "64", "--batch_size", "4", "--log_interval", "5", "--eval_batch_size", "8"]
-
-
-def ids(name):
-    with open(os.path.join(ROOT, "sample_data", f"{name}.jsonl")) as f:
-        return {json.loads(l)["id"] for l in f}
 
 
 @pytest.mark.parametrize("A,B,C", [(2.0, 0.5, 3.0), (40.0, 0.3, 3.45), (0.7, 1.2, 1.0)])
@@ -39,30 +37,6 @@ def test_data_efficiency_round_trip():
 
 def test_markdown_table():
     assert evaluate.markdown_table(["a", "bb"], [[1, 2.5]]) == "| a | bb  |\n|---|-----|\n| 1 | 2.5 |"
-
-
-@pytest.mark.parametrize("kind,G,fields", [("rephrase", 4, set()), ("latent", 2, {"cut_char", "num_cuts"})])
-def test_sample_synthetic_data(kind, G, fields):
-    train_docs = {json.loads(l)["id"]: json.loads(l)["text"] for l in open(os.path.join(ROOT, "sample_data", "train.jsonl"))}
-    rows = [json.loads(l) for l in open(os.path.join(SYNTH, f"{kind}.jsonl"))]
-    required = {"id", "source_id", "kind", "index", "text", "model", "prompt", "finish_reason", "usage"} | fields
-    per_source = {}
-    for r in rows:
-        assert required <= set(r) and r["kind"] == kind and r["finish_reason"] == "stop"
-        assert r["id"] == f"{r['source_id']}/{kind}/{r['index']}" and r["text"].strip()
-        assert r["source_id"] in train_docs            # only real training documents, never held out
-        per_source.setdefault(r["source_id"], set()).add(r["index"])
-        if kind == "latent":
-            assert 0 < r["cut_char"] < len(train_docs[r["source_id"]]) and r["num_cuts"] == G
-    assert len(per_source) >= 150 and all(v == set(range(G)) for v in per_source.values())
-    assert not set(per_source) & ids("val")
-    assert len({r["text"] for r in rows}) == len(rows)   # no generation repeated
-
-
-def test_self_distill_sample_data():
-    path = os.path.join(SYNTH, "self-distill.jsonl")
-    rows = [json.loads(l) for l in open(path)]
-    assert rows and all(r["kind"] == "self-distill" and r["source_id"] in ids("train") for r in rows)
 
 
 def test_local_optimum():
@@ -117,3 +91,72 @@ def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
     other = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/ckpt.pt"
     pair = evaluate.ensemble_loss([f"{run}/ckpt.pt", other], f"{d}/val")
     assert pair < (single + summaries[0]["val_loss"]) / 2      # mixing probabilities beats the mean loss (Jensen)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny trained checkpoint and the held-out token file it was evaluated on."""
+    d = tmp_path_factory.mktemp("tiny")
+    lines = open(os.path.join(ROOT, "sample_data", "train.jsonl")).readlines()
+    (d / "train.jsonl").write_text("".join(lines[:30]))
+    (d / "val.jsonl").write_text("".join(open(os.path.join(ROOT, "sample_data", "val.jsonl")).readlines()[:8]))
+    quiet = lambda *a: None
+    pack.pack(str(d / "train.jsonl"), str(d / "real"), tokenizer="gpt2:512", log=quiet)
+    pack.pack(str(d / "val.jsonl"), str(d / "val"), tokenizer="gpt2:512", log=quiet)
+    pack.pack(str(d / "val.jsonl"), str(d / "val_gpt2"), tokenizer="gpt2", log=quiet)
+    import train
+    train.main(TINY + ["--real", str(d / "real"), "--val", str(d / "val"), "--epochs", "1", "--out_dir", str(d / "run")])
+    return d
+
+
+def run_script(script, *args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_evaluate_cli_one_line_errors(tiny_run, tmp_path):
+    d = tiny_run
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    for args, message in [
+            (["ensemble", "--val", d / "val", tmp_path / "missing.pt"], "missing.pt: no such checkpoint"),
+            (["ensemble", "--val", d / "val", tmp_path / "garbage.pt"], "garbage.pt: not a nanosynth checkpoint"),
+            (["ensemble", "--val", d / "val_gpt2", d / "run" / "ckpt.pt"], "has a vocabulary of 50257 ids, more than"),
+            (["ensemble", "--val", d / "nowhere", d / "run" / "ckpt.pt"], "no such token file"),
+            (["fit", "1", "2", "--loss", "3.0", "2.9"], "needs at least 3 points, got 2"),
+            (["fit", "1", "2", "3", "--loss", "3.0", "2.9"], "3 x values but 2 --loss values")]:
+        code, out, err = run_script("evaluate.py", *args)
+        assert code != 0 and "Traceback" not in err and err.strip().splitlines() == [f"error: {err.strip()[7:]}"]
+        assert message in err, (args, err)
+    code, out, err = run_script("evaluate.py", "ensemble", "--val", d / "val", d / "run" / "ckpt.pt")
+    assert code == 0 and out.startswith("K = 1: ensemble loss ")
+    assert float(out.split()[-1]) == pytest.approx(json.load(open(d / "run" / "summary.json"))["val_loss"], abs=1e-4)
+
+
+def test_fit_warns_when_a_parameter_is_on_the_edge_of_its_search():
+    warnings = []
+    x = np.array([1e4, 2e4, 4e4, 8e4])
+    evaluate.fit_power_law(x, 7.0 - 0.3 * np.log(x), warn=warnings.append)   # a straight line in log x
+    assert any("on the edge of its search range" in w for w in warnings)
+    assert any("below zero" in w for w in warnings)
+    warnings.clear()
+    evaluate.fit_power_law(x, evaluate.power_law(x, 40.0, 0.3, 3.45), warn=warnings.append)
+    assert warnings == []
+
+
+def test_interpolated_budget():
+    budgets, losses = [10, 20, 40, 80], [5.0, 4.6, 4.4, 4.3]
+    assert evaluate.interpolated_budget(4.6, budgets, losses) == (pytest.approx(20.0), "=")
+    assert evaluate.interpolated_budget(4.5, budgets, losses) == (pytest.approx(20 * 2 ** 0.5), "=")   # halfway in log D
+    assert evaluate.interpolated_budget(4.2, budgets, losses) == (80, ">")
+    assert evaluate.interpolated_budget(5.5, budgets, losses) == (10, "<")
+
+
+def test_sweep_reports_a_failed_run_and_bad_jobs(tiny_run, tmp_path):
+    d = tiny_run
+    code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", "--jobs", "0", "--", *TINY)
+    assert code != 0 and "--jobs must be >= 1" in err and "Traceback" not in err
+    code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", "--epochs", "-1", "--", *TINY,
+                                "--real", d / "real", "--val", d / "val")
+    assert code != 0 and "Traceback" not in err
+    assert "train.py failed for" in err and "epochs must be a number > 0, got -1.0" in err   # the run's own log line
