@@ -214,21 +214,27 @@ def data_efficiency(loss, real_law, real_tokens):
 
 
 def interpolated_budget(loss, budgets, losses):
-    """The real budget at which measured real-only losses reach `loss`, interpolating linearly in
-    log(budget) between the two neighbouring measured budgets whose losses bracket it; a model-free
-    alternative to inverting a power law. Returns (budget, relation): relation "=" inside the
-    measured range, ">" when `loss` is below every measured loss (budget is then the largest one
-    measured: the true budget is more), "<" when it is above every measured loss."""
+    """The real budget at which measured real-only losses reach `loss`: a model-free alternative to
+    inverting a power law. The measured losses are first made non-increasing in the budget (a
+    larger budget can do at least as well as a smaller one, so a worse measured loss there is
+    under-tuning or noise and is replaced by the best loss of any smaller budget); then the loss is
+    interpolated linearly in log(budget) between the two neighbouring budgets that bracket it.
+    Returns (budget, relation): relation "=" inside the measured range, ">" when `loss` is below
+    every measured loss (budget is then the largest one measured: the true budget is more), "<"
+    when it is above every measured loss."""
     points = sorted(zip(budgets, losses))
-    for (d0, l0), (d1, l1) in zip(points[::-1][1:], points[::-1]):   # from the largest budgets down
-        if min(l0, l1) <= loss <= max(l0, l1):
-            if l0 == l1:
-                return d1, "="
+    envelope = [(d, min(l for _, l in points[: i + 1])) for i, (d, _) in enumerate(points)]
+    if loss > envelope[0][1]:
+        return envelope[0][0], "<"
+    for (d0, l0), (d1, l1) in zip(envelope, envelope[1:]):
+        if l1 <= loss <= l0 and l1 < l0:
             t = (l0 - loss) / (l0 - l1)
             return math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0))), "="
-    if loss < min(losses):
-        return points[-1][0], ">"
-    return points[0][0], "<"
+    if loss == envelope[0][1]:
+        return envelope[0][0], "="
+    if loss >= envelope[-1][1]:   # on a flat stretch of the envelope: the first budget that reached it
+        return next(d for d, l in envelope if l <= loss), "="
+    return envelope[-1][0], ">"
 
 
 # -----------------------------------------------------------------------------

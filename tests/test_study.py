@@ -150,6 +150,10 @@ def test_interpolated_budget():
     assert evaluate.interpolated_budget(4.5, budgets, losses) == (pytest.approx(20 * 2 ** 0.5), "=")   # halfway in log D
     assert evaluate.interpolated_budget(4.2, budgets, losses) == (80, ">")
     assert evaluate.interpolated_budget(5.5, budgets, losses) == (10, "<")
+    # a larger budget that measured worse (under-tuned) does not count: the envelope is non-increasing
+    assert evaluate.interpolated_budget(4.45, [10, 20, 40, 80], [5.0, 4.4, 4.3, 4.9]) == \
+        (pytest.approx(10 * 2 ** (0.55 / 0.6)), "=")
+    assert evaluate.interpolated_budget(4.3, [10, 20, 40, 80], [5.0, 4.4, 4.3, 4.9]) == (pytest.approx(40), "=")
 
 
 def test_sweep_reports_a_failed_run_and_bad_jobs(tiny_run, tmp_path):
