@@ -184,6 +184,46 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm forward and a hand-written backward; see RMSNorm for why."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        grad_weight = (grad * xhat).flatten(0, -2).sum(0)
+        g = grad * weight
+        # xhat does not change when x is scaled, so its Jacobian removes the component of g along
+        # xhat before dividing by the rms: dx = (g - xhat * mean(g * xhat)) * rstd
+        grad_x = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd
+        return grad_x, grad_weight, None
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension: nn.RMSNorm's math and parameter
+    (the same state dict). In torch 2.13 nn.RMSNorm has a fused kernel on CUDA, used there; on CPU
+    it is composite: autograd runs nine full-size elementwise ops in its backward and keeps two
+    full-size tensors for it, where the hand-written backward runs six and keeps one (counted with
+    torch.profiler). In the profiled CPU training step that was the largest cost that nanoGPT, with
+    its fused LayerNorm kernel, does not pay."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        if x.device.type == "cuda":
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
 class KVCache:
     """Keys and values of every layer for batched sampling, preallocated to max_len positions
     (allocated on first use, so dtype/device follow the model and any autocast)."""
@@ -252,9 +292,9 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = Attention(cfg, layer_idx)
-        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None):
@@ -268,7 +308,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
         self.init_weights()
 
