@@ -354,7 +354,7 @@ def main(argv=None):
     torch.manual_seed(cfg.init_seed)
     model = GPT(model_cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  fused=device.startswith("cuda"))
+                                  fused=True)   # one fused kernel; on CPU too: several times faster than the loop
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, log_path, summary_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "log.jsonl", "summary.json"))
     step, train_seconds, loss_sum, metrics = 0, 0.0, float("nan"), {}
