@@ -93,8 +93,7 @@ def packed_batch(B, T, vocab, doc_len, gen):
 def train_py_adamw(params):
     # the optimizer as train.py builds it (its defaults: betas 0.9/0.95, eps 1e-8, weight decay 0.1);
     # the weight-decay groups do not change the speed, so one group stands for them
-    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
 
 
 cfg = GPTConfig(vocab_size=vocab_size, n_layer=args.n_layer, n_head=args.n_head,
