@@ -27,9 +27,10 @@ configure_optimizers() gets on CPU (so the model alone is compared), nanoGPT wit
 to ours: no biases) and with bias=True (its default). nanoGPT's MLP is 4 x width, ours a SwiGLU of
 --mlp_hidden (688 ~ the same parameters at width 256). FLOPs per token = 6 x matmul parameters (all
 but the input embeddings; a tied head counts once) + 6 x n_layer x width x context (causal
-attention: half the T x T scores). With --compile the first step of each model, which compiles it,
-is reported apart; run once with TORCHINDUCTOR_CACHE_DIR set to an empty directory for a cold
-compile, then again with the same directory for a warm one.
+attention: half the T x T scores). Columns: "first s" is each model's first step (with --compile it
+compiles the model; run once with TORCHINDUCTOR_CACHE_DIR set to an empty directory for a cold
+compile, then again with the same directory for a warm one), "ours/it" the first row's tokens/s over
+this row's, "of mm" the row's GFLOP/s over the torch.mm figure.
 
 Reads and writes no files (torch.compile writes its own cache).
 """
@@ -266,4 +267,6 @@ for name, (_, _, fpt) in contenders.items():
     print(f"{name:<26}{fpt / 1e6:>12.1f}M{first[name]:>9.1f}{step * 1e3:>9.0f}{B * T / step:>10,.0f}"
           f"{ours_tok_s / (B * T / step):>8.3f}x{gflops:>9.1f}{gflops / mm_gflops:>7.1%}")
 nano_tok_s = B * T / statistics.median(step_s["nanoGPT bias=False"])
-print(f"ratio ours/nanoGPT (bias=False) tokens/s: {ours_tok_s / nano_tok_s:.3f}")
+same_adamw_tok_s = B * T / statistics.median(step_s["ours, AdamW as nanoGPT"])
+print(f"ratio ours/nanoGPT (bias=False) tokens/s: {ours_tok_s / nano_tok_s:.3f} "
+      f"(the models alone, both with nanoGPT's AdamW: {same_adamw_tok_s / nano_tok_s:.3f})")
