@@ -248,8 +248,10 @@ for _ in range(args.warmup - 1):
     for name in contenders:
         compare_step(name)
 step_s, mm_s = {name: [] for name in contenders}, []
-for _ in range(args.steps):
-    for name in contenders:  # round-robin
+for r in range(args.steps):
+    # round-robin, in reversed order every other round: on these shared machines a step's place in
+    # the round can move its time by a few percent
+    for name in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
         step_s[name].append(timed(lambda: compare_step(name)))
     mm_s += [timed(lambda: torch.mm(mm_a, mm_b, out=mm_out)) for _ in range(3)]
 
@@ -268,5 +270,10 @@ for name, (_, _, fpt) in contenders.items():
           f"{ours_tok_s / (B * T / step):>8.3f}x{gflops:>9.1f}{gflops / mm_gflops:>7.1%}")
 nano_tok_s = B * T / statistics.median(step_s["nanoGPT bias=False"])
 same_adamw_tok_s = B * T / statistics.median(step_s["ours, AdamW as nanoGPT"])
+# the same ratio round by round: the two steps of one round ran within seconds of each other, so
+# the spread of these ratios shows how much of a difference the machine's noise can make
+paired = sorted(b / a for a, b in zip(step_s["ours, AdamW as train.py"], step_s["nanoGPT bias=False"]))
 print(f"ratio ours/nanoGPT (bias=False) tokens/s: {ours_tok_s / nano_tok_s:.3f} "
-      f"(the models alone, both with nanoGPT's AdamW: {same_adamw_tok_s / nano_tok_s:.3f})")
+      f"(the models alone, both with nanoGPT's AdamW: {same_adamw_tok_s / nano_tok_s:.3f}); "
+      f"round by round: median {statistics.median(paired):.3f}, {sum(x >= 1 for x in paired)} of {len(paired)} "
+      f"rounds >= 1, range {paired[0]:.3f}-{paired[-1]:.3f}")

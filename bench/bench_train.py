@@ -5,7 +5,8 @@ model's own forward, backward and optimizer step (data loading, masks' inputs, s
     python bench/bench_train.py                  # configs/cpu_demo.json, 40 steps per mask kind
     python bench/bench_train.py --steps 100 --config configs/cpu_demo.json
 
-Packs the demo's real budget and its sorted megadocs (out/bench_train/, GPT-2's first 8,192 ranks),
+Packs the demo's real budget and its sorted megadocs (out/bench_train/, GPT-2's first 1,024 ranks, as
+the demo),
 then, for each mask kind, runs train.py with m = 0.75 and reads its training tokens/s from
 summary.json (evaluation and checkpoints excluded), and times the bare step on the same shape: the
 same batches already in memory, forward + backward + clip + AdamW, nothing else. The difference
@@ -36,7 +37,8 @@ def bare_step_seconds(model_cfg, cfg, tf, mask, steps):
     fresh model, first step included (as train.py's own figure)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**model_cfg))
-    optimizer = torch.optim.AdamW(train.param_groups(model, train.TrainConfig(**cfg)), lr=1e-3, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(train.param_groups(model, train.TrainConfig(**cfg)), lr=1e-3, betas=(0.9, 0.95),
+                                  fused=True)   # as train.py builds it
     B, T = cfg["batch_size"], model_cfg["block_size"]
     rng = np.random.default_rng(0)
     batches = []
@@ -72,15 +74,18 @@ def main():
         f.writelines(line for line in open(os.path.join(ROOT, "sample_data", "train.jsonl"))
                      if json.loads(line)["id"] in sources)
     quiet = lambda *a: None
-    common = dict(tokenizer="gpt2:8192", log=quiet)
+    common = dict(tokenizer="gpt2:1024", log=quiet)
     pack.pack(f"{d}/real.jsonl", f"{d}/real", **common)
     pack.pack(os.path.join(ROOT, "sample_data", "val.jsonl"), f"{d}/val", **common)
     pack.pack(f"{d}/real.jsonl", f"{d}/sorted", "sorted", [synth], G=4, **common)
 
+    # the model shape as train.py resolves it: the config's preset, then any shape keys of the config
+    shape = GPTConfig.from_preset(cfg.get("model", train.TrainConfig.model),
+                                  **{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size") if k in cfg})
     # enough real epochs for --steps steps at m = 0.75 (a quarter of each batch is real)
-    windows = (len(TokenFile(f"{d}/real")) - 1) // cfg["block_size"]
+    windows = (len(TokenFile(f"{d}/real")) - 1) // shape.block_size
     epochs = args.steps * cfg["batch_size"] // 4 / windows
-    print(f"train.py on {args.config}: {cfg['n_layer']} layers, width {cfg['n_embd']}, context {cfg['block_size']}, "
+    print(f"train.py on {args.config}: {shape.n_layer} layers, width {shape.n_embd}, context {shape.block_size}, "
           f"batch {cfg['batch_size']}; {args.steps} steps at m = 0.75, {torch.get_num_threads()} threads")
     print(f"{'mask':<9} {'train.py tok/s':>15} {'bare step tok/s':>16} {'outside the model step':>23}")
     for mask in ("causal", "document", "megadoc"):
@@ -92,7 +97,7 @@ def main():
                         "--out_dir", out_dir])
         s = json.load(open(os.path.join(out_dir, "summary.json")))
         bare = bare_step_seconds(s["model_config"], cfg, TokenFile(f"{d}/sorted"), mask, args.steps)
-        tokens = cfg["batch_size"] * cfg["block_size"]
+        tokens = cfg["batch_size"] * shape.block_size
         print(f"{mask:<9} {s['tokens_per_s']:>15,.0f} {tokens / bare:>16,.0f} {1 - s['tokens_per_s'] * bare / tokens:>23.1%}")
     print("outside the model step = 1 - train.py tok/s / bare step tok/s (goal < 5%; noise can make it negative)")
 
