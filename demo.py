@@ -168,7 +168,7 @@ def main():
         specs = list({o: (o, a, c) for o, a, c in specs}.values())   # each run once
         log(f"\n{label}: {len(specs)} runs")
         return run_all({o: a for o, a, _ in specs}, jobs=args.jobs, threads=1 if args.jobs > 1 else None,
-                       cost={o: c for o, _, c in specs}, later=later, log=log)
+                       cost={o: c for o, _, c in specs}, later=later, log=log, started=t0)
 
     # ---- phase 1: the grids that every choice is made from (on the "val" split); the long
     # documents are evaluated here only (the recipes' seed 0 runs are among these)

@@ -74,12 +74,13 @@ def last_lines(path, n=15):
         return "".join(f.readlines()[-n:])
 
 
-def run_all(runs, jobs=1, threads=None, cost=None, later=0.0, log=print):
+def run_all(runs, jobs=1, threads=None, cost=None, later=0.0, log=print, started=None):
     """runs: {out_dir: [train.py arguments]}. Runs what is not finished, `jobs` at a time, each with
     `threads` torch threads; returns {out_dir: summary}. cost: {out_dir: relative cost} (e.g. tokens
     to train) for the ETA and to start the longest runs first; by default all runs cost the same.
-    later: the cost of work that will follow these runs, counted in the ETA. A failed run stops
-    everything with its log's last lines."""
+    later: the cost of work that will follow these runs, counted in the ETA. started: the time.time()
+    the elapsed time counts from (default: now), for a caller that calls run_all more than once. A
+    failed run stops everything with its log's last lines."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     cost = cost or {}
@@ -102,10 +103,10 @@ def run_all(runs, jobs=1, threads=None, cost=None, later=0.0, log=print):
                 raise RuntimeError(f"train.py failed for {out_dir}; the last lines of {log_path}:\n"
                                    + last_lines(log_path))
             done += cost.get(out_dir, 1)
-            elapsed = time.time() - t0
+            rate = (time.time() - t0) / done   # seconds per unit of cost, in this call
             s = finished(out_dir)
             log(f"  [{i}/{len(todo)}] {os.path.relpath(out_dir)}: val loss {s['val_loss']:.4f} | elapsed "
-                f"{elapsed / 60:.1f} min | ETA {elapsed * (total + later - done) / done / 60:.1f} min")
+                f"{(time.time() - (started or t0)) / 60:.1f} min | ETA {rate * (total + later - done) / 60:.1f} min")
     return {d: finished(d) for d in runs}
 
 

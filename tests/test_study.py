@@ -164,3 +164,26 @@ def test_sweep_reports_a_failed_run_and_bad_jobs(tiny_run, tmp_path):
                                 "--real", d / "real", "--val", d / "val")
     assert code != 0 and "Traceback" not in err
     assert "train.py failed for" in err and "epochs must be a number > 0, got -1.0" in err   # the run's own log line
+
+
+def test_run_all_progress_and_resume(tiny_run, tmp_path):
+    """run_all prints [k/N], the elapsed time since `started` (the demo's start, across its phases)
+    and an ETA from this call's own pace; a second call finds every run finished."""
+    import re
+    import time
+    d = tiny_run
+    runs = {str(tmp_path / f"r{e}"): TINY + ["--real", str(d / "real"), "--val", str(d / "val"), "--epochs", str(e)]
+            for e in (1, 2)}
+    lines = []
+    started = time.time() - 600   # as if an earlier phase had taken 10 minutes
+    summaries = sweep.run_all(runs, jobs=2, threads=1, cost={k: 1 for k in runs}, later=2.0, log=lines.append,
+                              started=started)
+    assert lines[0] == "2 of 2 runs to do (0 already finished), 2 at a time"
+    progress = [re.fullmatch(r"  \[(\d)/2\] .*: val loss [\d.]+ \| elapsed ([\d.]+) min \| ETA ([\d.]+) min", line)
+                for line in lines[1:]]
+    assert all(progress) and [int(m[1]) for m in progress] == [1, 2]
+    assert all(float(m[2]) >= 10.0 for m in progress)         # counted from `started`, not from this call
+    assert all(float(m[3]) < 5.0 for m in progress)           # the ETA uses this call's pace only
+    assert set(summaries) == set(runs) and all(s["steps"] > 0 for s in summaries.values())
+    lines.clear()
+    assert sweep.run_all(runs, jobs=2, log=lines.append) == summaries and lines == []
