@@ -181,7 +181,8 @@ def main():
                 for r, stream in RECIPES.items() for e in P["syn_epochs"]}
 
     def phase2(chosen):
-        """The runs that depend on the choices: {group: {name: [runs]}}."""
+        """The runs that depend on the choices: recipes {name: [runs]}, ablations {name: [runs]}
+        and the data law {documents: {epochs: run}}."""
         real_wd, real_e = chosen["real"]
         recipe_runs = {"real": [real_grid.get((real_wd, real_e, s)) or run("real", main_real, real_e, real_wd, s)
                                 for s in seeds]}
@@ -195,15 +196,17 @@ def main():
             stream, mask = ABLATIONS[name]
             slug = name.replace(", ", "-").replace(" ", "-")
             ablation_runs[name] = [run(slug, main_real, E, P["syn_wd"], s, stream, mask) for s in ab_seeds]
-        law_runs = {n: {e: [run(f"real{n}", f"real{n}", e, real_wd, 0)] for e in grid} for n, grid in P["law"].items()}
-        return {"recipes": recipe_runs, "ablations": ablation_runs, "law": law_runs}
+        law_runs = {n: {e: run(f"real{n}", f"real{n}", e, real_wd, 0) for e in grid} for n, grid in P["law"].items()}
+        return recipe_runs, ablation_runs, law_runs
 
-    flatten = lambda groups: [spec for group in groups.values() for runs_ in group.values()
-                              for spec in (runs_ if isinstance(runs_, list) else sum(runs_.values(), []))]
+    def all_runs(recipe_runs, ablation_runs, law_runs):
+        return ([spec for runs_ in (*recipe_runs.values(), *ablation_runs.values()) for spec in runs_] +
+                [spec for grid in law_runs.values() for spec in grid.values()])
+
     phase1 = list(real_grid.values()) + list(syn_grid.values())
     guess = {"real": (P["real_wd"][0], 16), **{r: (P["syn_wd"], P["ablation_epochs"]) for r in RECIPES}}
     done1 = {o for o, _, _ in phase1}
-    later = sum(c for o, _, c in {o: (o, a, c) for o, a, c in flatten(phase2(guess))}.values() if o not in done1)
+    later = sum({o: c for o, _, c in all_runs(*phase2(guess)) if o not in done1}.values())
     S = train_all(phase1, "phase 1, the tuning grids", later=later)
     summary = lambda spec: S[spec[0]]
 
@@ -216,10 +219,9 @@ def main():
     log("chosen on the val split: " + ", ".join(f"{r} {e:g} epochs (wd {wd:g})" for r, (wd, e) in chosen.items()))
 
     # ---- phase 2: seeds at the chosen points, ablations, and the data law
-    groups = phase2(chosen)
-    recipe_runs, ablation_runs = groups["recipes"], groups["ablations"]
-    law_runs = {n: {e: runs_[0] for e, runs_ in grid.items()} for n, grid in groups["law"].items()}
-    S.update(train_all(flatten(groups), "phase 2: seeds at the chosen points, ablations, data law"))
+    recipe_runs, ablation_runs, law_runs = phase2(chosen)
+    S.update(train_all(all_runs(recipe_runs, ablation_runs, law_runs),
+                       "phase 2: seeds at the chosen points, ablations, data law"))
 
     # ---- results: every final number on the "test" split
     log("\nevaluating ensembles")

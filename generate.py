@@ -210,23 +210,8 @@ def read_docs(path):
             require(doc, "id", (str,), f"{path}:{lineno}")
             require(doc, "text", (str,), f"{path}:{lineno}")
             yield lineno, doc
-    except DataError as e:
+    except DataError as e:   # also a line that is not UTF-8: read_jsonl names it
         raise Fatal(str(e)) from None
-    except UnicodeDecodeError:
-        raise Fatal(not_utf8(path)) from None
-
-
-def not_utf8(path):
-    """The message for a file that is not UTF-8, naming its first bad line. Text mode decodes in
-    blocks, so the decoding error does not tell the line; a newline byte never occurs inside a
-    UTF-8 character, so decoding line by line finds it exactly."""
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line)"
-    return f"{path}: not UTF-8 text"
 
 
 def read_records(path, what):

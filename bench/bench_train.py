@@ -82,9 +82,8 @@ def main():
     pack.pack(os.path.join(ROOT, "sample_data", "val.jsonl"), f"{d}/val", **common)
     pack.pack(f"{d}/real.jsonl", f"{d}/sorted", "sorted", [synth], G=4, **common)
 
-    # the model shape as train.py resolves it: the config's preset, then any shape keys of the config
-    shape = GPTConfig.from_preset(cfg.get("model", train.TrainConfig.model),
-                                  **{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size") if k in cfg})
+    # the model shape as train.py resolves it (the config's preset, its overrides, the vocabulary)
+    _, shape, _ = train.setup(train.load_config(["--config", args.config, "--real", f"{d}/real", "--val", f"{d}/val"]))
     # enough real epochs for --steps steps at m = 0.75 (a quarter of each batch is real)
     windows = (len(TokenFile(f"{d}/real")) - 1) // shape.block_size
     epochs = args.steps * cfg["batch_size"] // 4 / windows
