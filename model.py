@@ -164,6 +164,87 @@ def _flex(q, k, v, block_mask, enable_gqa):
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
+
+def segment_spans(ids):
+    """For the SDPA path on the CPU: the (start, end) of each run of equal ids in every row of a
+    (B, T) id tensor, as B lists, so that the document and megadoc masks become one causal
+    attention per run (segment_attention). None if some row has an id that comes back after
+    another id (a megadoc split by a document of another source, as in a shuffled stream): a run
+    would not be the whole segment, and the caller uses the dense mask instead."""
+    B, T = ids.shape
+    rows = [[0] for _ in range(B)]
+    for b, t in (torch.nonzero(ids[:, 1:] != ids[:, :-1]) + torch.tensor([0, 1])).tolist():
+        rows[b].append(t)
+    spans = [list(zip(starts, starts[1:] + [T])) for starts in rows]
+    if any(len(row) != len(torch.unique(ids[b])) for b, row in enumerate(spans)):
+        return None
+    return spans
+
+
+# The CPU kernel of F.scaled_dot_product_attention in torch 2.13 skips the masked upper triangle of
+# causal attention only in blocks of 512 keys: at the demo's context of 1,024 it computes 3/4 of the
+# T x T scores where causal attention needs 1/2, and a dense boolean mask costs another 1.4x. The
+# CPU path therefore splits the work itself: causal attention by blocks of ATTN_BLOCK keys, the
+# document and megadoc masks by segment (a segment attends only to itself). Measured with
+# bench/bench_model.py at the demo's shape (head dim 32, context 1,024): 128 is the fastest block.
+ATTN_BLOCK = 128
+
+
+class _BlockedCausalAttention(torch.autograd.Function):
+    """Causal attention as a sum over blocks of keys (CPU). Block j (keys j .. j + c - 1) is seen
+    only by queries j .. T - 1, and for them its mask is SDPA's top-left causal mask of a
+    (T - j) x c problem: one flash-attention call per block, whose partial outputs are merged by
+    their log-sum-exps. The backward runs the kernel's backward once per block with the merged
+    output and log-sum-exp, which makes each block's gradient exact (its attention weights are
+    exp(score - merged lse), the global softmax). Same values as one SDPA call to ~1e-6."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        T, c = q.size(2), ATTN_BLOCK
+        parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[:, :, j:], k[:, :, j:j + c],
+                                                                           v[:, :, j:j + c], 0.0, True)
+                 for j in range(0, T, c)]
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        for j, (_, part_lse) in zip(range(0, T, c), parts):
+            lse[:, :, j:] = torch.logaddexp(lse[:, :, j:], part_lse)
+        out = torch.zeros(q.shape, dtype=torch.float32)
+        for j, (part, part_lse) in zip(range(0, T, c), parts):
+            out[:, :, j:] += part * torch.exp(part_lse - lse[:, :, j:]).unsqueeze(-1)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        T, c, grad = q.size(2), ATTN_BLOCK, grad.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)
+        for j in range(0, T, c):
+            dq_part, dk[:, :, j:j + c], dv[:, :, j:j + c] = \
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    grad[:, :, j:], q[:, :, j:], k[:, :, j:j + c], v[:, :, j:j + c], out[:, :, j:], lse[:, :, j:],
+                    0.0, True)
+            dq[:, :, j:] += dq_part
+        return dq, dk, dv
+
+
+def causal_attention(q, k, v, enable_gqa=False):
+    """Causal attention of (B, H, T, D) queries and (B, H_kv, T, D) keys and values: SDPA's fused
+    causal kernel, or on the CPU, past one block, _BlockedCausalAttention."""
+    if q.device.type == "cpu" and q.size(2) > ATTN_BLOCK:
+        if enable_gqa:   # the blocked kernel wants every head's keys
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        return _BlockedCausalAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+
+
+def segment_attention(q, k, v, spans, enable_gqa=False):
+    """The document or megadoc mask on the CPU: every segment of every row (spans from
+    segment_spans) is one causal attention of its own, so no score outside a segment is computed."""
+    return torch.cat([torch.cat([causal_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                  enable_gqa) for s, e in row], dim=2)
+                      for b, row in enumerate(spans)], dim=0)
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -257,8 +338,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        # mask: a BlockMask (flex path), a bool (B, 1, T, T) tensor (SDPA path), or None meaning
-        # plain causal (SDPA's is_causal; with a cache and one new token, nothing to mask).
+        # mask: a BlockMask (flex path), a bool (B, 1, T, T) tensor (SDPA with a dense mask), per-row
+        # segment spans (the CPU's SDPA path, see segment_spans), or None meaning plain causal
+        # (with a cache and one new token, nothing to mask).
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -269,12 +351,16 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if isinstance(mask, BlockMask):
             y = _flex(q, k, v, mask, gqa)
-        else:
+        elif cache is not None or isinstance(mask, torch.Tensor):
             # is_causal aligns the triangle top-left, which is only right when q and k start at
             # the same position: a prefill into an empty cache, or no cache at all.
             assert mask is not None or T == 1 or k.size(2) == T, "causal prefill needs an empty cache"
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1),
                                                enable_gqa=gqa)
+        elif mask is None:
+            y = causal_attention(q, k, v, gqa)
+        else:
+            y = segment_attention(q, k, v, mask, gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -345,7 +431,11 @@ class GPT(nn.Module):
             # _compile=True builds the block mask without materializing B x T x T on the GPU
             return create_block_mask(mask_mod, mask_B, None, T, T, device=device, _compile=(device.type == "cuda"))
         if mask_kind == "causal":
-            return None  # SDPA is_causal=True: same predicate, no mask tensor, fastest kernel
+            return None  # causal_attention: same predicate, no mask tensor, fastest kernels
+        if device.type == "cpu":
+            spans = segment_spans(doc_ids if mask_kind == "document" else group_ids)
+            if spans is not None:
+                return spans
         return dense_mask(mask_mod, B, T, device)
 
     def forward(self, idx, targets=None, doc_ids=None, group_ids=None, mask_kind="causal", reduction="mean",

@@ -10,7 +10,11 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, KVCache, MASK_KINDS, PRESETS, dense_mask, document_ids, make_mask_mod  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import model as model_module  # noqa: E402
+from model import (GPT, GPTConfig, KVCache, MASK_KINDS, PRESETS, causal_attention, dense_mask, document_ids,  # noqa: E402
+                   make_mask_mod, segment_attention, segment_spans)
 
 # eager flex_attention on CPU warns that it is not compiled; that is expected here
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -139,6 +143,77 @@ def test_information_flow_between_documents(impl):
         else:  # megadoc: B shares A's source, C does not
             assert torch.all(d[10:20] > 0)
             assert torch.all(d[20:] == 0)
+
+
+def test_segment_spans():
+    doc = torch.tensor([[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 3, 3]])
+    assert segment_spans(doc) == [[(0, 2), (2, 5), (5, 6)], [(0, 6)]]
+    # a source group that comes back after another one (a shuffled stream) has no spans
+    assert segment_spans(torch.tensor([[0, 0, 1, 1, 0, 0]])) is None
+
+
+def qkv(B, H, T, D, seed, H_kv=None):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g, requires_grad=True) for h in (H, H_kv or H, H_kv or H)]
+
+
+def grads(out, tensors, seed=9):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, tensors, g)
+
+
+@pytest.mark.parametrize("T", [129, 200, 256, 1000])
+@pytest.mark.parametrize("H_kv", [4, 2])
+def test_blocked_causal_attention_equals_sdpa(T, H_kv):
+    # the CPU's causal path splits the keys into blocks of ATTN_BLOCK and merges them by their
+    # log-sum-exps: values and gradients equal one SDPA call, for block-aligned and ragged T, with GQA
+    assert T > model_module.ATTN_BLOCK
+    q, k, v = qkv(2, 4, T, 16, seed=T, H_kv=H_kv)
+    blocked = causal_attention(q, k, v, enable_gqa=H_kv != 4)
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H_kv != 4)
+    assert (blocked - reference).abs().max() < 1e-5
+    for a, b in zip(grads(blocked, (q, k, v)), grads(reference, (q, k, v))):
+        assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["document", "megadoc"])
+def test_segment_attention_equals_dense_mask(kind):
+    _, doc, group = window(3, 300, seed=2, doc_len=(5, 200))
+    ids = doc if kind == "document" else group
+    spans = segment_spans(ids)
+    assert spans is not None and any(e - s > model_module.ATTN_BLOCK for row in spans for s, e in row)
+    q, k, v = qkv(3, 2, 300, 16, seed=3)
+    mask = dense_mask(make_mask_mod(kind, doc, group), 3, 300)
+    ours = segment_attention(q, k, v, spans)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (ours - reference).abs().max() < 1e-5
+    for a, b in zip(grads(ours, (q, k, v)), grads(reference, (q, k, v))):
+        assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_cpu_paths_equal_the_dense_reference_in_training(kind):
+    # the whole model: loss and every gradient of the CPU path (blocked causal attention, segment
+    # attention) equal those of SDPA with the dense boolean mask of the same predicate, which is
+    # what flex_attention computes on CUDA (test_flex_equals_sdpa checks flex against it)
+    model = tiny_model()
+    idx, doc, group = window(2, 256, seed=11, doc_len=(20, 200))
+    targets = torch.roll(idx, -1, dims=1)
+    _, loss = model(idx, targets, doc_ids=doc, group_ids=group, mask_kind=kind)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    mask = dense_mask(make_mask_mod(kind, doc, group), 2, 256)
+    original = model_module.Attention.forward
+
+    def with_dense_mask(self, x, cos, sin, _mask, cache=None):
+        return original(self, x, cos, sin, mask, cache)
+    model_module.Attention.forward = with_dense_mask
+    try:
+        _, dense_loss = model(idx, targets, doc_ids=doc, group_ids=group, mask_kind=kind)
+        reference = torch.autograd.grad(dense_loss, list(model.parameters()))
+    finally:
+        model_module.Attention.forward = original
+    assert abs(loss.item() - dense_loss.item()) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(ours, reference)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
