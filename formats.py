@@ -76,6 +76,21 @@ def require(obj, field, types, where):
     return value
 
 
+# Latent thoughts record where they cut the document: "cut_char" (a character offset) and
+# "cut_rule". Under the nested rule (generate.latent_cuts) thought `index` sits at cut rank
+# `index` of one fixed order of positions, so --G k means ranks 0 .. k-1 for any k. Files from
+# before it (cuts at i / (G + 1), a "num_cuts" field) mean something else for each G.
+CUT_RULE = "nested"
+
+
+def require_nested_cuts(obj, where):
+    """A latent record must have been cut under CUT_RULE; an older file is refused, never misread."""
+    if obj.get("cut_rule") != CUT_RULE:
+        raise DataError(f"{where}: a latent thought cut under the old equal-pieces rule (num_cuts="
+                        f"{obj.get('num_cuts')}), whose cut points move with G; write the thoughts again with "
+                        "this generate.py into a new file")
+
+
 # -----------------------------------------------------------------------------
 # token files
 

@@ -4,8 +4,10 @@ llama.cpp's server, tokasaurus, OpenAI, or serve.py) to write, for every source 
 generations of one kind:
 
   rephrase      G Wikipedia-style rewrites of the document (chat API, prompt "wikipedia")
-  latent        G latent thoughts: the document is cut into G+1 pieces and thought i is written
-                from the text before and after cut i (chat API, prompt "latent")
+  latent        G latent thoughts: thought i is written from the text before and after cut i,
+                where cut i is the i-th of one fixed order of places, 1/2, 1/4, 3/4, 1/8, ... of
+                the document (latent_cuts), so the cuts of a smaller G are among those of a larger
+                one (chat API, prompt "latent")
   self-distill  G continuations of a short real prefix of the document, sampled from a model
                 trained on the real data only (completions API, e.g. python serve.py)
 
@@ -22,7 +24,8 @@ Reads   --input: JSONL, one {"id": str, "text": str, ...} per line (UTF-8, at le
 Writes  --out_jsonl: JSONL, one line per generation, appended to:
           {"id": "<source_id>/<kind>/<index>", "source_id", "kind", "index", "text", "model",
            "prompt", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"},
-           "temperature"}  and for latent thoughts also "cut_char" and "num_cuts" (= G).
+           "temperature"}  and for latent thoughts also "cut_char" (where cut `index` is in
+          the text) and "cut_rule" ("nested"; files cut under the older rule are refused).
         --failures (default <out_jsonl without .jsonl>.failures.jsonl): the generations still
           missing, {"source_id", "kind", "index", "error", "tries"}: they ran out of tries, or
           were cut at the length limit on every sample. At the end of every run it is rewritten
@@ -39,7 +42,7 @@ failures file. With --keep_truncated such replies are written as they are (pack.
 unless told to keep them).
 
 Rerunning the same command resumes: every (source_id, kind, index) already in --out_jsonl is
-skipped, except those cut at the length limit (unless --keep_truncated): their lines are removed
+skipped (so a rerun with a larger --G writes only the new indices, for thoughts as for rephrases), except those cut at the length limit (unless --keep_truncated): their lines are removed
 from --out_jsonl and they are sampled again, so one record per generation remains. A partial last
 line left by a crash is cut off. Ctrl-C stops cleanly (twice: at once).
 
@@ -66,7 +69,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from formats import DataError, atomic_open, read_jsonl, require
+from formats import CUT_RULE, DataError, atomic_open, read_jsonl, require, require_nested_cuts
 from tokenizer import load_tokenizer
 
 SYSTEM = "Reply with the requested text only, with no preamble, notes or commentary."
@@ -172,22 +175,37 @@ def cut_rank(text, c):
     return 1 if text[c - 1] == "\n" else 2
 
 
+def cut_fraction(rank):
+    """Where cut `rank` goes, as a fraction (numerator, denominator) of the document: the base-2
+    van der Corput order 1/2, 1/4, 3/4, 1/8, 5/8, 3/8, 7/8, 1/16, ... Every prefix of the order is
+    spread over the whole document, and the cuts of G = k are the first k of those of any larger G."""
+    n, numerator, denominator = rank + 1, 0, 1
+    while n:
+        numerator, denominator, n = 2 * numerator + (n & 1), 2 * denominator, n >> 1
+    return numerator, denominator
+
+
 def latent_cuts(text, bounds, G):
-    """G token boundaries that cut the text into G+1 pieces of about equal token length. Each cut
-    moves to the nearest sentence end (else line end) within a quarter piece of its even position.
-    Deterministic: the same text, tokenizer and G always give the same cuts (resume relies on it)."""
-    n, cuts, prev = len(bounds) - 1, [], 0
-    piece = n / (G + 1)
-    for i in range(1, G + 1):
-        ideal = i * piece
-        lo, hi = max(prev + 1, math.ceil(ideal - piece / 4)), min(n - 1, math.floor(ideal + piece / 4))
-        near = [k for k in range(lo, hi + 1) if bounds[k] is not None]
-        if near:
-            k = min(near, key=lambda k: (cut_rank(text, bounds[k]), abs(k - ideal), k))
-        else:  # very short document: the next cuttable boundary (bounds[n] always is one)
-            k = next(j for j in range(min(max(prev + 1, round(ideal)), n), n + 1) if bounds[j] is not None)
+    """The token boundaries of cuts 0 .. G-1 (in rank order, not document order): cut r goes to the
+    best place (cut_rank) within a quarter of its level's spacing (1/(4 x denominator) of the
+    document) of its fraction cut_fraction(r), nearest first, never where an earlier cut is.
+    Cut r depends only on the text and on cuts 0 .. r-1, so the cuts nest: those of G = k are the
+    first k of those of G = k + 1, and one generation at the largest G serves every smaller G.
+    A document with fewer than G interior places to cut gets fewer cuts. Deterministic: resume and
+    the sample-data checks rely on it."""
+    n = len(bounds) - 1
+    free = [k for k in range(1, n) if bounds[k] is not None]   # interior boundaries on whole characters
+    cuts = []
+    for rank in range(G):
+        if not free:
+            break
+        numerator, denominator = cut_fraction(rank)
+        ideal, reach = n * numerator / denominator, n / (4 * denominator)
+        near = [k for k in free if abs(k - ideal) <= reach]
+        k = min(near, key=lambda k: (cut_rank(text, bounds[k]), abs(k - ideal), k)) if near else \
+            min(free, key=lambda k: (abs(k - ideal), k))
         cuts.append(k)
-        prev = k
+        free.remove(k)
     return cuts
 
 
@@ -250,9 +268,11 @@ def scan_output(path, kind, G, keep_truncated):
     (they are sampled again) unless keep_truncated."""
     done, truncated = {}, {}
     for lineno, _, r in read_records(path, "record"):
-        if r["kind"] == "latent" and kind == "latent" and r.get("num_cuts") != G:
-            raise Fatal(f"{path}:{lineno}: latent thoughts made with num_cuts={r.get('num_cuts')}, but --G {G} "
-                        "cuts the documents elsewhere; write to a new --out_jsonl")
+        if r["kind"] == "latent":
+            try:
+                require_nested_cuts(r, f"{path}:{lineno}")
+            except DataError as e:
+                raise Fatal(str(e)) from None
         if r.get("finish_reason") == "length" and r["kind"] == kind and not keep_truncated:
             truncated.setdefault(r["source_id"], {})[r["index"]] = lineno
             continue
@@ -375,7 +395,7 @@ class Sampler:
         self.turn = 0
         self.verified = list(has_models)  # endpoints known to answer like an OpenAI server
         self.stats = dict(done=0, failed=0, requests=0, retries=0, length=0, resampled=0, prompt_tokens=0,
-                          completion_tokens=0)
+                          completion_tokens=0, too_short=0)
         self.slots = threading.Semaphore(2 * args.concurrency)  # tasks queued or running: the corpus is read lazily
         self.errors = []  # exceptions of the tasks: Fatal (a 4xx) or a bug
         self.start = self.last_progress = time.time()
@@ -599,11 +619,15 @@ class Sampler:
             if a.kind == "latent":
                 bounds = token_bounds(enc, tokens)
                 side, cuts = max(1, limit // 2), latent_cuts(text, bounds, a.G)  # side: tokens each side of the cut
-                for i in missing:
+                if len(cuts) < a.G:   # too few places to cut: those thoughts cannot exist
+                    short = sum(1 for i in missing if i >= len(cuts))
+                    self.count(too_short=short)
+                    self.total -= short
+                for i in (i for i in missing if i < len(cuts)):
                     k = cuts[i]
                     fields = dict(document=text, id=sid, prefix=span(text, bounds, max(0, k - side), k),
                                   suffix=span(text, bounds, k, min(n, k + side)))
-                    yield dict(base, indices=[i], extra={"cut_char": bounds[k], "num_cuts": a.G}, **self.body(fields))
+                    yield dict(base, indices=[i], extra={"cut_char": bounds[k], "cut_rule": CUT_RULE}, **self.body(fields))
                 continue
             if a.kind == "self-distill":
                 k = min(n, a.prefix_tokens)
@@ -808,6 +832,9 @@ def run(args):
     print(f"[generate] summary: {s['done']:,} written, {s['failed']:,} failed, {s['requests']:,} requests, "
           f"{s['retries']:,} retries{length}; tokens: {s['prompt_tokens']:,} prompt, "
           f"{s['completion_tokens']:,} completion", file=sys.stderr, flush=True)
+    if s["too_short"]:
+        print(f"[generate] {s['too_short']:,} thoughts not asked for: their documents have fewer than "
+              f"--G {args.G} places to cut", file=sys.stderr)
     if missing:
         print(f"[generate] {missing:,} generations are missing from {args.out_jsonl}, listed in {args.failures}; "
               "rerun the same command to retry them", file=sys.stderr)

@@ -9,7 +9,8 @@ pack.py: tokenize real and synthetic documents and pack them into one token file
     python pack.py --real ... --synthetic sample_data/synthetic/latent.jsonl --mode latent --G 2
 
 Reads:  real documents, JSONL {"id", "text", ...}; synthetic records written by generate.py,
-        JSONL {"id", "source_id", "kind", "index", "text", "finish_reason", ...} (+ "cut_char" for latent).
+        JSONL {"id", "source_id", "kind", "index", "text", "finish_reason", ...} (+ "cut_char" and
+        "cut_rule" for latent thoughts; a file cut under generate.py's older rule is refused).
 Writes: a token file (format in formats.py) at --out_prefix PREFIX: PREFIX.bin (uint16/uint32
         tokens), PREFIX.idx (one record per document: start offset, source-group id, kind),
         PREFIX.json (the pack's settings and summary: documents and tokens per kind, ...).
@@ -22,13 +23,15 @@ continues in the next window. The source-group id of a document is the index of 
 document, which is what the `megadoc` attention mask compares.
 
 The stream modes (G = generations used per source: those with index < G, so one generation run at
-G = 32 serves every smaller G):
+G = 32 serves every smaller G; for thoughts too, since thought i sits at the i-th cut of one
+nested order, see generate.latent_cuts):
   real      real documents only, shuffled.
   shuffled  real documents + every rephrase as its own document, all shuffled together.
   sorted    one megadoc per source: its G rephrases in index order, then the real document
             (--real_position back, the paper's default; or front; or none). Megadocs are shuffled.
-  latent    one stretched document per source: the real text cut at the thoughts' cut points,
-            with each thought inserted at its cut between THOUGHT_OPEN and THOUGHT_CLOSE.
+  latent    one stretched document per source: the real text cut at the cut points of its
+            thoughts 0 .. G-1, each thought inserted at its own cut (in document order, whatever
+            its index) between THOUGHT_OPEN and THOUGHT_CLOSE.
 Self-distillation samples are packed like rephrases (--synthetic_kind self-distill).
 
 Memory does not grow with the corpus text: documents are read and tokenized in batches into a
@@ -46,7 +49,7 @@ from collections import Counter
 
 import numpy as np
 
-from formats import DataError, KINDS, TokenWriter, file_paths, read_jsonl, require, token_dtype
+from formats import DataError, KINDS, TokenWriter, file_paths, read_jsonl, require, require_nested_cuts, token_dtype
 from tokenizer import load_tokenizer
 
 
@@ -178,6 +181,8 @@ def read_synthetic(paths, kind, G, keep_truncated, store, counts):
             if not text.strip():
                 counts["empty generations, excluded"] += 1
                 continue
+            if kind == "latent":
+                require_nested_cuts(obj, where)
             cols["cut"].append(require(obj, "cut_char", (int,), where) if kind == "latent" else -1)
             source.append(id_hash(source_id))
             cols["index"].append(rec_index)
@@ -210,6 +215,8 @@ def read_real(path, store, cuts_of=None):
         if cuts and not (0 < cuts[0] and cuts[-1] < len(text)):
             raise DataError(f"{where}: a latent thought of {doc_id!r} cuts at {cuts}, outside "
                             f"the document's {len(text)} characters")
+        if len(set(cuts)) < len(cuts):
+            raise DataError(f"{where}: two latent thoughts of {doc_id!r} cut at the same place ({cuts})")
         bounds = [0] + cuts + [len(text)]
         first.append(store.add(text[0:bounds[1]]))
         for a, b in zip(bounds[1:], bounds[2:]):

@@ -374,36 +374,94 @@ def test_latent_cuts_and_prompts(tmp_path, server, monkeypatch):
         out = str(tmp_path / f"{run}.jsonl")
         run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--kind", "latent", "--G", "3")
         recs = sorted(read_jsonl(out), key=lambda r: r["index"])
-        assert [(r["kind"], r["index"], r["num_cuts"], r["prompt"]) for r in recs] == \
-            [("latent", i, 3, "latent") for i in range(3)]
+        assert [(r["kind"], r["index"], r["cut_rule"], r["prompt"]) for r in recs] == \
+            [("latent", i, "nested", "latent") for i in range(3)]
         cuts.append([r["cut_char"] for r in recs])
     assert cuts[0] == cuts[1]  # the same cuts on every run
     c = cuts[0]
-    assert 0 < c[0] < c[1] < c[2] < len(LATENT_DOC)
+    assert c[1] < c[0] < c[2] < len(LATENT_DOC)   # ranks 0, 1, 2 near 1/2, 1/4, 3/4 of the document
     assert all(LATENT_DOC[x - 1] in ".!" and LATENT_DOC[x] == " " for x in c)  # at sentence ends
     # each prompt holds exactly the text before and after its cut (short document: no bounding)
     users = {e["body"]["messages"][1]["content"] for e in srv.log}
     assert users == {generate.PROMPTS["latent"]["user"].format(prefix=LATENT_DOC[:x], suffix=LATENT_DOC[x:])
                      for x in c}
-    # resuming with another G would put thought i elsewhere: refused
-    with pytest.raises(SystemExit):
-        run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--kind", "latent", "--G", "2")
+    # a larger G adds only the new ranks and keeps the old thoughts where they are; a smaller G has nothing to do
+    asked = len(srv.log)
+    run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--kind", "latent", "--G", "5")
+    recs = sorted(read_jsonl(out), key=lambda r: r["index"])
+    assert len(srv.log) == asked + 2 and [r["cut_char"] for r in recs[:3]] == c and [r["index"] for r in recs] == [0, 1, 2, 3, 4]
+    bounds = generate.token_bounds(ENC, ENC.encode_ordinary(LATENT_DOC))
+    assert [r["cut_char"] for r in recs] == [bounds[k] for k in generate.latent_cuts(LATENT_DOC, bounds, 5)]
+    run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--kind", "latent", "--G", "2")
+    assert len(srv.log) == asked + 2
+
+
+def test_old_rule_thoughts_refused(tmp_path, server, monkeypatch, capfd):
+    srv, url = server()
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "fox", "text": LATENT_DOC}])
+    out = tmp_path / "old.jsonl"
+    out.write_text(json.dumps({"id": "fox/latent/0", "source_id": "fox", "kind": "latent", "index": 0, "text": "T.",
+                               "cut_char": 27, "num_cuts": 2}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, "--input", inp, "--out_jsonl", str(out), "--endpoint", url, "--kind", "latent", "--G", "3")
+    err = capfd.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and f"{out}:1" in err and err.count("\n") == 1
+    assert not srv.log
+
+
+ENC = load_tokenizer("gpt2")[0]
+
+
+def test_latent_cut_positions_exact():
+    # LATENT_DOC is 46 GPT-2 tokens. Cut r looks for a sentence end within n / (4 x denominator) of
+    # its fraction: ranks 0-5 find one (after "appears.", "log.", "surprised.", "jumps.", "log.",
+    # "downhill!"); rank 6 (7/8 = token 40.25, reach 1.4) finds none and takes the nearest boundary
+    bounds = generate.token_bounds(ENC, ENC.encode_ordinary(LATENT_DOC))
+    assert len(bounds) - 1 == 46
+    ks = generate.latent_cuts(LATENT_DOC, bounds, 7)
+    assert ks == [22, 12, 32, 6, 28, 17, 40]
+    assert [bounds[k] for k in ks] == [91, 45, 136, 26, 113, 69, 163]
+    assert [generate.cut_fraction(r) for r in range(8)] == [(1, 2), (1, 4), (3, 4), (1, 8), (5, 8), (3, 8), (7, 8), (1, 16)]
+
+
+def test_latent_cuts_nest():
+    texts = [LATENT_DOC, open(os.path.join(ROOT, "sample_data", "train.jsonl")).readline(), "word " * 300,
+             "\u4e2d\u6587\u5b57" * 40]
+    for text in texts:
+        bounds = generate.token_bounds(ENC, ENC.encode_ordinary(text))
+        n = len(bounds) - 1
+        previous = []
+        for G in range(1, 18):
+            ks = generate.latent_cuts(text, bounds, G)
+            assert ks[:len(previous)] == previous and len(ks) == min(G, sum(b is not None for b in bounds[1:n]))
+            assert len(set(ks)) == len(ks) and all(0 < k < n and bounds[k] is not None for k in ks)
+            previous = ks
+        # every cut is within a quarter of its level's spacing of its fraction: any prefix is spread
+        for rank, k in enumerate(generate.latent_cuts(text, bounds, 15)):
+            numerator, denominator = generate.cut_fraction(rank)
+            assert abs(k - n * numerator / denominator) <= n / (4 * denominator) + 1
 
 
 def test_latent_cut_function():
-    enc, _ = load_tokenizer("gpt2")
+    enc = ENC
     for text, G in [(LATENT_DOC, 1), (LATENT_DOC, 7), ("\u4e2d\u6587\u5b57" * 5, 3), ("Hi.", 4), ("x", 2)]:
         bounds = generate.token_bounds(enc, enc.encode_ordinary(text))
         assert bounds[0] == 0 and bounds[-1] == len(text) and len(bounds) == len(enc.encode_ordinary(text)) + 1
         ks = generate.latent_cuts(text, bounds, G)
-        assert len(ks) == G and ks == sorted(ks) and all(bounds[k] is not None for k in ks)
+        interior = sum(b is not None for b in bounds[1:-1])
+        assert len(ks) == min(G, interior) and all(bounds[k] is not None for k in ks)
         assert ks == generate.latent_cuts(text, generate.token_bounds(enc, enc.encode_ordinary(text)), G)
         assert all(enc.decode(enc.encode_ordinary(text)[:k]) == text[:bounds[k]] for k in ks)
-    # long enough documents get G distinct interior cuts near the even positions
-    bounds = generate.token_bounds(enc, enc.encode_ordinary(LATENT_DOC))
-    ks = generate.latent_cuts(LATENT_DOC, bounds, 3)
-    n = len(bounds) - 1
-    assert len(set(ks)) == 3 and all(abs(k - (i + 1) * n / 4) <= n / 16 + 1 for i, k in enumerate(ks))
+
+
+def test_too_short_for_G_cuts(tmp_path, server, monkeypatch, capfd):
+    srv, url = server()
+    inp = write_docs(tmp_path / "in.jsonl", [{"id": "hi", "text": "Hi."}, {"id": "fox", "text": LATENT_DOC}])
+    out = str(tmp_path / "o.jsonl")
+    stats = run_main(monkeypatch, "--input", inp, "--out_jsonl", out, "--endpoint", url, "--kind", "latent", "--G", "3")
+    recs = read_jsonl(out)
+    assert sorted((r["source_id"], r["index"]) for r in recs) == [("fox", 0), ("fox", 1), ("fox", 2), ("hi", 0)]
+    assert stats["failed"] == 0 and "2 thoughts not asked for" in capfd.readouterr().err
 
 
 def test_prompt_file(tmp_path, server, monkeypatch, capfd):

@@ -33,8 +33,8 @@ SYNTH = [  # a has three rephrases (one beyond G=2), b has one plus a truncated 
     {"id": "b/rephrase/0", "source_id": "b", "kind": "rephrase", "index": 0, "text": "B0 text.", "finish_reason": "stop"},
     {"id": "b/rephrase/1", "source_id": "b", "kind": "rephrase", "index": 1, "text": "B1 cut", "finish_reason": "length"},
     {"id": "z/rephrase/0", "source_id": "z", "kind": "rephrase", "index": 0, "text": "Zulu.", "finish_reason": "stop"},
-    {"id": "a/latent/0", "source_id": "a", "kind": "latent", "index": 0, "text": "Thought one.", "cut_char": 27, "num_cuts": 2},
-    {"id": "a/latent/1", "source_id": "a", "kind": "latent", "index": 1, "text": "Thought two.", "cut_char": 51, "num_cuts": 2},
+    {"id": "a/latent/0", "source_id": "a", "kind": "latent", "index": 0, "text": "Thought one.", "cut_char": 27, "cut_rule": "nested"},
+    {"id": "a/latent/1", "source_id": "a", "kind": "latent", "index": 1, "text": "Thought two.", "cut_char": 51, "cut_rule": "nested"},
 ]
 
 
@@ -159,6 +159,42 @@ def test_latent_interleaving(tmp_path, corpus):
     assert sorted(docs) == sorted([("latent", 0, stretched), ("real", 1, REAL[1]["text"]), ("real", 2, REAL[2]["text"])])
     docs1, _ = run(tmp_path, corpus, "latent", G=1)   # only thought 0
     assert ("latent", 0, text[:27] + pack.THOUGHT_OPEN + "Thought one." + pack.THOUGHT_CLOSE + text[27:]) in docs1
+
+
+def test_latent_nested_ranks_exact_tokens(tmp_path):
+    # thought i sits at cut rank i: rank 0 in the middle, rank 1 before it, rank 2 after it. --G k
+    # inserts exactly ranks 0 .. k-1, each at its own cut, in document order
+    text = "One two. Three four. Five six."
+    real = write_jsonl(tmp_path / "real.jsonl", [{"id": "d", "text": text}])
+    cuts = {0: 20, 1: 8, 2: 25}
+    syn = write_jsonl(tmp_path / "syn.jsonl", [
+        {"id": f"d/latent/{i}", "source_id": "d", "kind": "latent", "index": i, "text": f"T{i}.", "cut_char": c,
+         "cut_rule": "nested", "finish_reason": "stop"} for i, c in cuts.items()])
+    pieces = lambda *thoughts: [ENC.encode_ordinary(t) for t in thoughts]
+    opened, closed = ENC.encode_ordinary(pack.THOUGHT_OPEN), ENC.encode_ordinary(pack.THOUGHT_CLOSE)
+    expected = {
+        1: [text[:20], 0, text[20:]],
+        2: [text[:8], 1, text[8:20], 0, text[20:]],
+        3: [text[:8], 1, text[8:20], 0, text[20:25], 2, text[25:]],
+    }
+    for G, parts in expected.items():
+        pack.pack(real, str(tmp_path / f"g{G}"), "latent", [syn], G=G, log=lambda *a: None)
+        want = [BOS]
+        for part in parts:
+            want += ENC.encode_ordinary(part) if isinstance(part, str) else opened + ENC.encode_ordinary(f"T{part}.") + closed
+        assert TokenFile(str(tmp_path / f"g{G}")).tokens.tolist() == want
+    # the G = 1 stream, as ids: "One two. Three four." <thought> "T0." </thought> " Five six."
+    assert TokenFile(str(tmp_path / "g1")).tokens.tolist()[:13] == [50256, 3198, 734, 13, 7683, 1440, 13, 198, 198, 27, 28895, 29, 198]
+
+
+def test_old_rule_thoughts_refused(tmp_path, corpus, capfd):
+    old = write_jsonl(tmp_path / "old.jsonl", [{k: v for k, v in SYNTH[-2].items() if k != "cut_rule"} | {"num_cuts": 2}])
+    with pytest.raises(SystemExit) as e:
+        pack.main(["--real", corpus[0], "--synthetic", old, "--mode", "latent", "--G", "2",
+                   "--out_prefix", str(tmp_path / "o")])
+    err = capfd.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "old.jsonl:1" in err
+    assert not glob.glob(str(tmp_path / "o.*"))
 
 
 def test_deterministic_for_a_seed(tmp_path, corpus):

@@ -1,39 +1,60 @@
-"""Checks of the shipped data in sample_data/ (not tests of code): the synthetic records are in
-generate.py's format, belong to training documents only (never to held-out ones), and each source
-has every index below G."""
+"""Checks of the shipped data in sample_data/ (not tests of code), through sample_data/check.py:
+the synthetic records are in generate.py's format, belong to training documents only (never to
+held-out ones), have every index up to their document's G exactly once (rephrases: G = 16 for the
+first 80 documents in SHA-256 order of their ids, 4 for the next 80; thoughts: 7 and 2), every
+thought sits at the cut generate.py computes now, usage counts are GPT-2's, and the rephrases of
+one document are no near-copies of each other."""
+import hashlib
 import json
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYNTH = os.path.join(ROOT, "sample_data", "synthetic")
+sys.path.insert(0, os.path.join(ROOT, "sample_data"))
+import check  # noqa: E402
 
 
-def ids(name):
-    with open(os.path.join(ROOT, "sample_data", f"{name}.jsonl")) as f:
-        return {json.loads(line)["id"] for line in f}
+@pytest.fixture(scope="module")
+def data():
+    train, val, records = check.load()
+    return train, val, records, check.problems(train, val, records)
 
 
-@pytest.mark.parametrize("kind,G,fields", [("rephrase", 4, set()), ("latent", 2, {"cut_char", "num_cuts"})])
-def test_sample_synthetic_data(kind, G, fields):
-    train_docs = {json.loads(l)["id"]: json.loads(l)["text"] for l in open(os.path.join(ROOT, "sample_data", "train.jsonl"))}
-    rows = [json.loads(l) for l in open(os.path.join(SYNTH, f"{kind}.jsonl"))]
-    required = {"id", "source_id", "kind", "index", "text", "model", "prompt", "finish_reason", "usage"} | fields
-    per_source = {}
-    for r in rows:
-        assert required <= set(r) and r["kind"] == kind and r["finish_reason"] == "stop"
-        assert r["id"] == f"{r['source_id']}/{kind}/{r['index']}" and r["text"].strip()
-        assert r["source_id"] in train_docs            # only real training documents, never held out
-        per_source.setdefault(r["source_id"], set()).add(r["index"])
-        if kind == "latent":
-            assert 0 < r["cut_char"] < len(train_docs[r["source_id"]]) and r["num_cuts"] == G
-    assert len(per_source) >= 150 and all(v == set(range(G)) for v in per_source.values())
-    assert not set(per_source) & ids("val")
-    assert len({r["text"] for r in rows}) == len(rows)   # no generation repeated
+def test_format_indices_cuts_and_usage(data):
+    _, _, _, (found, _) = data
+    assert found == []
+
+
+def test_G_by_document(data):
+    _, _, records, (_, G_of) = data
+    sources = sorted(G_of["rephrase"], key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+    assert len(sources) == 160 and set(G_of["latent"]) == set(sources)
+    assert [G_of["rephrase"][s] for s in sources] == [16] * 80 + [4] * 80
+    assert [G_of["latent"][s] for s in sources] == [7] * 80 + [2] * 80
+    assert len(records["rephrase"]) == 80 * 16 + 80 * 4 and len(records["latent"]) == 80 * 7 + 80 * 2
+    assert all(r["model"] == "claude-written" and r["temperature"] == 1.0 for rows in records.values() for r in rows)
+
+
+def test_rephrases_are_not_near_copies(data):
+    _, _, records, (_, G_of) = data
+    largest = check.largest_overlaps(records)
+    too_close = {sid: v for sid, v in largest.items() if v[0] > check.MAX_OVERLAP[G_of["rephrase"][sid]]}
+    assert too_close == {}
+    assert len({r["text"] for r in records["rephrase"]}) == len(records["rephrase"])   # no text repeated
+
+
+def test_overlap_measure():
+    text = "one two three four five six seven eight"
+    assert check.overlap(text, text) == 1.0
+    # 4 and 5 word 5-grams, 1 in common ("one two three four five": case and punctuation ignored)
+    assert check.overlap(text, "One two three four five. Nine ten eleven twelve") == 1 / 4
+    assert check.overlap(text, "eight seven six five four three two one") == 0.0
 
 
 def test_self_distill_sample_data():
-    path = os.path.join(SYNTH, "self-distill.jsonl")
-    rows = [json.loads(l) for l in open(path)]
-    assert rows and all(r["kind"] == "self-distill" and r["source_id"] in ids("train") for r in rows)
+    path = os.path.join(ROOT, "sample_data", "synthetic", "self-distill.jsonl")
+    train = {json.loads(line)["id"] for line in open(os.path.join(ROOT, "sample_data", "train.jsonl"))}
+    rows = [json.loads(line) for line in open(path)]
+    assert rows and all(r["kind"] == "self-distill" and r["source_id"] in train for r in rows)
