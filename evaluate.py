@@ -21,6 +21,7 @@ Definitions:
     tokens actually used ("the baseline needs k x more real data to reach this loss").
 """
 import argparse
+import itertools
 import math
 import sys
 from contextlib import nullcontext
@@ -118,30 +119,44 @@ def evaluate_model(model, val, test=None, long=None, mask="causal", batch_size=1
 
 
 @torch.no_grad()
-def ensemble_loss(ckpt_paths, val_prefix, batch_size=16, device="cpu"):
-    """Mean loss (nats) of the average of K members' probabilities on every held-out token."""
-    members = [load_model(p, device) for p in ckpt_paths]
-    cfgs = [ckpt["config"] for _, ckpt in members]
-    T, mask = cfgs[0]["block_size"], cfgs[0]["mask"]
-    if any((c["block_size"], c["mask"]) != (T, mask) for c in cfgs):
-        raise ValueError("ensemble members must share block_size and mask kind")
-    tf = TokenFile(val_prefix)
-    vocab = min(m.config.vocab_size for m, _ in members)
-    if tf.vocab_size > vocab:
-        raise ValueError(f"{tf.bin_path} has a vocabulary of {tf.vocab_size} ids, more than the members' {vocab}: "
-                         "pack it with the tokenizer the models were trained with")
-    total, count = 0.0, 0
-    for tokens, groups, valid in eval_batches(tf, T, batch_size):
-        x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
-        doc = document_ids(x, tf.bos_id)
-        # log of the mean probability = logsumexp of the members' log-probabilities - log K
-        logp = torch.stack([torch.log_softmax(m(x, doc_ids=doc, group_ids=groups.to(device), mask_kind=mask)[0], -1)
-                            for m, _ in members])
-        mixture = torch.logsumexp(logp, dim=0) - math.log(len(members))
-        nll = -mixture.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu()
-        total += nll[valid].double().sum().item()
-        count += int(valid.sum())
-    return total / count
+def target_log_probs(model, tf, mask, batch_size=16, device="cpu"):
+    """log p(next token) of one model at every held-out token of a token file, in file order
+    (float64, on the CPU): all an ensemble needs of a member, so its memory does not grow with the
+    vocabulary."""
+    parts = []
+    for tokens, groups, valid in eval_batches(tf, model.config.block_size, batch_size):
+        parts.append(-per_token_losses(model, tokens, groups, mask, tf.bos_id, device)[valid].double())
+    return torch.cat(parts)
+
+
+def ensemble_losses(ckpt_paths, prefix, mask=None, batch_size=16, device="cpu"):
+    """[loss of the ensemble of the first K members for K = 1 .. N] on a token file: the members'
+    probabilities are averaged (not their logits). Each member is run once: its log-probabilities of
+    the targets are added to a running log-sum-exp, so that log mean_k p_k = logsumexp_k log p_k -
+    log K for every prefix K. mask: the attention mask to evaluate with (default: the members'
+    training mask, which they must share)."""
+    tf = TokenFile(prefix)
+    running, losses, shape = None, [], None
+    for k, path in enumerate(ckpt_paths, 1):
+        model, ckpt = load_model(path, device)
+        T, member_mask = ckpt["config"]["block_size"], ckpt["config"]["mask"]
+        if shape is None:
+            shape = (T, member_mask)
+        if (T, mask or member_mask) != (shape[0], mask or shape[1]):
+            raise ValueError(f"{path}: ensemble members must share block_size and mask kind "
+                             f"({T}, {member_mask} here, {shape[0]}, {shape[1]} for the first)")
+        if tf.vocab_size > model.config.vocab_size:
+            raise ValueError(f"{tf.bin_path} has a vocabulary of {tf.vocab_size} ids, more than the model's "
+                             f"{model.config.vocab_size} ({path}): pack it with the tokenizer the models were trained with")
+        logp = target_log_probs(model, tf, mask or member_mask, batch_size, device)
+        running = logp if running is None else torch.logaddexp(running, logp)
+        losses.append(-(running - math.log(k)).mean().item())
+    return losses
+
+
+def ensemble_loss(ckpt_paths, prefix, mask=None, batch_size=16, device="cpu"):
+    """Mean loss (nats) of the average of the members' probabilities on every held-out token."""
+    return ensemble_losses(ckpt_paths, prefix, mask, batch_size, device)[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -238,6 +253,109 @@ def interpolated_budget(loss, budgets, losses):
 
 
 # -----------------------------------------------------------------------------
+# statistics over seeds: every difference with its 95% interval, t-based (few seeds)
+
+
+def t_quantile(p, df):
+    """The p-quantile of Student's t distribution with df degrees of freedom (df may be fractional,
+    as Welch's is), by bisection on its CDF: numpy only, accurate to ~1e-10."""
+    def cdf(t):   # P(T <= t) through the regularized incomplete beta function
+        tail = 0.5 * regularized_beta(df / (df + t * t), df / 2, 0.5)
+        return 1 - tail if t > 0 else tail
+    lo, hi = -1e4, 1e4
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def regularized_beta(x, a, b):
+    """I_x(a, b) by its continued fraction (modified Lentz), for t_quantile."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):   # the fraction converges fast on this side only
+        return 1 - regularized_beta(1 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            step = 1.0
+        elif i % 2 == 0:
+            step = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            step = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 / (1 + step * d if abs(1 + step * d) > 1e-300 else 1e-300)
+        c = 1 + step / c if abs(1 + step / c) > 1e-300 else 1e-300
+        f *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * (f - 1)
+
+
+def mean_interval(values, level=0.95):
+    """(mean, half width of its t interval); the half width is nan for fewer than 2 values."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    if n < 2:
+        return float(values.mean()), math.nan
+    return float(values.mean()), t_quantile((1 + level) / 2, n - 1) * float(values.std(ddof=1)) / math.sqrt(n)
+
+
+def paired_difference(a, b, level=0.95):
+    """a - b for runs paired by seed (a[i] and b[i] share init and data seed): the mean difference
+    and the half width of its t interval over the n - 1 degrees of freedom of the differences."""
+    if len(a) != len(b):
+        raise ValueError(f"paired differences need as many values on each side, got {len(a)} and {len(b)}")
+    return mean_interval(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), level)
+
+
+def welch_difference(a, b, level=0.95):
+    """mean(a) - mean(b) for independent samples, with Welch's t interval (unequal variances)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if not va + vb > 0:
+        return float(a.mean() - b.mean()), math.nan
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return float(a.mean() - b.mean()), t_quantile((1 + level) / 2, df) * math.sqrt(va + vb)
+
+
+def slope_interval(x, y_by_seed, level=0.95):
+    """The least-squares slope of y against x, fitted for each seed (y_by_seed: one list of y over
+    x per seed), then the mean slope and the half width of its t interval over seeds: the seeds are
+    the independent replicates, so the spread of their slopes is the honest error."""
+    x = np.asarray(x, dtype=float)
+    slopes = [np.polyfit(x, np.asarray(y, dtype=float), 1)[0] for y in y_by_seed]
+    return mean_interval(slopes, level)
+
+
+def resolved(mean, half_width):
+    """True when the interval mean +- half_width excludes zero."""
+    return bool(half_width == half_width and abs(mean) > half_width)
+
+
+def format_interval(mean, half_width, digits=4):
+    if half_width != half_width:
+        return f"{mean:+.{digits}f}"
+    return f"{mean:+.{digits}f} ± {half_width:.{digits}f}"
+
+
+def seed_bootstrap(statistic, *per_seed, level=0.95):
+    """A percentile interval of statistic(*means) over every resample of the seeds with replacement
+    (n^n of them for n seeds: 27 for 3), resampling all inputs with the same seed indices, because
+    their runs are paired by seed. per_seed: sequences of per-seed values (or of per-seed lists of
+    values). Returns (low, high). With 3 seeds the resamples take only 10 distinct sets, so the
+    interval is coarse: a range, not an exact 95%."""
+    n = len(per_seed[0])
+    values = []
+    for picks in itertools.product(range(n), repeat=n):
+        means = [np.mean([np.asarray(seq[i], dtype=float) for i in picks], axis=0) for seq in per_seed]
+        values.append(statistic(*means))
+    values = np.asarray(values, dtype=float)
+    return float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))
+
+
+# -----------------------------------------------------------------------------
 # compute
 
 def training_flops(model_config, tokens):
@@ -281,17 +399,32 @@ def pyplot_or_note(path):
     return plt
 
 
-def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation loss (nats)"):
-    """A bar chart with error bars; returns the path, or None (with a note) without matplotlib."""
+def error_bars(spreads):
+    """matplotlib's yerr from per-point spreads: half widths, or (low, high) distances below and above."""
+    if spreads is None:
+        return None
+    if any(isinstance(v, (tuple, list)) for v in spreads):
+        return np.array([[v[0] for v in spreads], [v[1] for v in spreads]], dtype=float)
+    return np.asarray(spreads, dtype=float)
+
+
+def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation loss (nats)", colors=None):
+    """A bar chart with error bars (half widths); returns the path, or None (with a note) without
+    matplotlib."""
     plt = pyplot_or_note(path)
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar(labels, means, yerr=spreads, capsize=4, color="#4c72b0")
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 3.8))
+    spreads = [0.0 if s != s else s for s in spreads]   # nan (one seed): no bar
+    ax.bar(labels, means, yerr=spreads, capsize=4, color=colors or "#4c72b0")
+    for i, m in enumerate(means):
+        ax.annotate(f"{m:.3f}", (i, m), textcoords="offset points", xytext=(12, 2), fontsize=8)
     lo, hi = min(m - s for m, s in zip(means, spreads)), max(m + s for m, s in zip(means, spreads))
-    ax.set_ylim(lo - 0.2 * (hi - lo + 1e-3), hi + 0.2 * (hi - lo + 1e-3))
+    ax.set_ylim(lo - 0.25 * (hi - lo + 1e-3), hi + 0.15 * (hi - lo + 1e-3))
     ax.set_title(title)
     ax.set_ylabel(ylabel)
+    ax.grid(axis="y", linestyle=":", alpha=0.5)
+    plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -299,15 +432,19 @@ def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation lo
 
 
 def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nats)", logx=True, hlines=None,
-                dashed=()):
-    """series: {label: (xs, ys, spreads)}; hlines: {label: y} drawn as horizontal lines; series
-    named in `dashed` are drawn dashed. Returns the path, or None without matplotlib."""
+                dashed=(), points=None):
+    """series: {label: (xs, ys, spreads)}, spreads as half widths or (below, above) pairs, or None;
+    hlines: {label: y} drawn as horizontal lines; series named in `dashed` are drawn dashed;
+    points: {label: (xs, ys)} drawn as faint dots (single seeds behind their mean). Returns the
+    path, or None without matplotlib."""
     plt = pyplot_or_note(path)
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (label, (xs, ys)) in enumerate((points or {}).items()):
+        ax.scatter(xs, ys, color=f"C{i}", alpha=0.25, s=18)
     for label, (xs, ys, spreads) in series.items():
-        ax.errorbar(xs, ys, yerr=spreads, marker="o", capsize=3, label=label,
+        ax.errorbar(xs, ys, yerr=error_bars(spreads), marker="o", capsize=3, label=label,
                     linestyle="--" if label in dashed else "-")
     for i, (label, y) in enumerate((hlines or {}).items()):
         ax.axhline(y, color=f"C{len(series) + i}", linestyle=":", label=label)
@@ -318,7 +455,8 @@ def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nat
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.grid(linestyle=":", alpha=0.5)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -337,8 +475,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.command == "ensemble":
-            for k in range(1, len(args.ckpts) + 1):
-                print(f"K = {k}: ensemble loss {ensemble_loss(args.ckpts[:k], args.val):.4f}")
+            for k, loss in enumerate(ensemble_losses(args.ckpts, args.val), 1):
+                print(f"K = {k}: ensemble loss {loss:.4f}")
         else:
             if len(args.x) != len(args.loss):
                 raise ValueError(f"{len(args.x)} x values but {len(args.loss)} --loss values")

@@ -91,6 +91,24 @@ def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
     other = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/ckpt.pt"
     pair = evaluate.ensemble_loss([f"{run}/ckpt.pt", other], f"{d}/val")
     assert pair < (single + summaries[0]["val_loss"]) / 2      # mixing probabilities beats the mean loss (Jensen)
+    # one pass per member and a running log-sum-exp of the targets' log-probabilities give what
+    # averaging the members' whole next-token distributions gives, for every prefix K
+    import torch
+    from formats import TokenFile
+    from model import document_ids, load_model
+    members = [load_model(path)[0] for path in (f"{run}/ckpt.pt", other)]
+    tf = TokenFile(f"{d}/val")
+    total, count = 0.0, 0
+    for tokens, groups, valid in evaluate.eval_batches(tf, members[0].config.block_size, 16):
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with torch.no_grad():
+            logp = torch.stack([torch.log_softmax(m(x, doc_ids=document_ids(x, tf.bos_id), group_ids=groups)[0], -1)
+                                for m in members])
+        mixture = torch.logsumexp(logp, 0) - math.log(2)
+        total -= mixture.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)[valid].double().sum().item()
+        count += int(valid.sum())
+    assert evaluate.ensemble_losses([f"{run}/ckpt.pt", other], f"{d}/val") == \
+        pytest.approx([single, total / count], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +205,43 @@ def test_run_all_progress_and_resume(tiny_run, tmp_path):
     assert set(summaries) == set(runs) and all(s["steps"] > 0 for s in summaries.values())
     lines.clear()
     assert sweep.run_all(runs, jobs=2, log=lines.append) == summaries and lines == []
+
+
+# ----------------------------------------------------------------------------- statistics over seeds
+
+@pytest.mark.parametrize("df,q975", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
+                                     (30, 2.0423), (1e6, 1.9600)])
+def test_t_quantiles_match_the_table(df, q975):
+    assert evaluate.t_quantile(0.975, df) == pytest.approx(q975, abs=1e-4)
+    assert evaluate.t_quantile(0.025, df) == pytest.approx(-q975, abs=1e-4)
+
+
+def test_intervals():
+    mean, half = evaluate.mean_interval([1.0, 2.0, 3.0])
+    assert (mean, half) == pytest.approx((2.0, 4.3027 * 1.0 / math.sqrt(3)), abs=1e-4)
+    # paired: the differences 0.2, 0.25, 0.3 (the seeds' common offsets cancel)
+    a, b = [5.1, 3.2, 4.3], [4.9, 2.95, 4.0]
+    assert evaluate.paired_difference(a, b) == pytest.approx((0.25, 4.3027 * 0.05 / math.sqrt(3)), abs=1e-4)
+    assert evaluate.resolved(*evaluate.paired_difference(a, b))
+    # unpaired (Welch), the same numbers: the seeds' spread now counts, and the interval covers zero
+    diff, half = evaluate.welch_difference(a, b)
+    assert diff == pytest.approx(0.25) and half > 2 and not evaluate.resolved(diff, half)
+    # Welch's degrees of freedom for equal variances and sizes are 2n - 2: the pooled t interval
+    x, y = [1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0]
+    assert evaluate.welch_difference(x, y)[1] == pytest.approx(evaluate.t_quantile(0.975, 6) *
+                                                               math.sqrt(2 * np.var(x, ddof=1) / 4), rel=1e-9)
+    # a slope per seed: exactly 0.5 and 1.5 per unit of x, so mean 1.0 with the t interval of {0.5, 1.5}
+    slope, half = evaluate.slope_interval([0, 1, 2], [[0, 0.5, 1.0], [3, 4.5, 6.0]])
+    assert (slope, half) == pytest.approx((1.0, 12.7062 * math.sqrt(0.5) / math.sqrt(2)), abs=1e-4)
+    assert evaluate.format_interval(-0.01234, 0.005) == "-0.0123 ± 0.0050"
+
+
+def test_seed_bootstrap_resamples_seeds_jointly():
+    # 3 seeds: all 27 resamples; resampling both inputs with the same indices keeps their pairing,
+    # so a difference that is the same for every seed has a zero-width interval
+    a, b = [1.0, 2.0, 6.0], [0.5, 1.5, 5.5]
+    assert evaluate.seed_bootstrap(lambda x, y: x - y, a, b) == pytest.approx((0.5, 0.5))
+    # the mean of one input: the 27 resampled means run from 1.0 (seed 0 three times) to 6.0; the
+    # 2.5% and 97.5% quantiles fall between the two lowest (1.0, 4/3) and the two highest (14/3, 6.0)
+    low, high = evaluate.seed_bootstrap(lambda x: x, a)
+    assert 1.0 < low < 4 / 3 and 14 / 3 < high < 6.0
