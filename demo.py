@@ -1,78 +1,212 @@
 r"""
-demo.py: the whole study at toy scale, on sample_data/, on a CPU, end to end.
+demo.py: the study at toy scale, on sample_data/, on a CPU, end to end: how the loss falls as the
+number of synthetic generations per real document G grows, for shuffled rephrases, sorted
+megadocs and latent thoughts, against a tuned real-only baseline on the same real tokens.
 
-    python demo.py            # about 17 minutes on 2 CPU cores; writes out/demo/
-    python demo.py --quick    # one seed, smaller grids: a first look in about 5 minutes
+    python demo.py            # the study (about 30 minutes on 2 CPU cores); writes out/demo/
+    python demo.py --quick    # one seed, three values of G, no ablations: a first look in ~5 minutes
 
 Reads:  sample_data/train.jsonl, val.jsonl, long.jsonl and sample_data/synthetic/*.jsonl.
 Writes: out/demo/data/ (token files), out/demo/runs/ (one train.py run each), out/demo/results.md
         (the tables printed at the end) and out/demo/*.png (figures, if matplotlib is installed).
 Rerunning skips every finished run, so an interrupted demo continues where it stopped.
 
-The setting: a fixed budget of real text, a model that can memorize it, and many epochs, so that
-real data, not compute, limits the loss (the paper's regime, scaled down). The numbers below were
-chosen from measured runs on 2 CPU cores (docs/demo_design.md has the measurements):
-  real budget   the 160 Jargon File entries that have written rephrases and latent thoughts:
-                39,159 tokens with GPT-2's first 1,024 ranks as the vocabulary (a small vocabulary
-                moves compute from the output head into the transformer)
-  model         configs/cpu_demo.json: 2 layers, width 64, 2 heads, context 1,024 (the median
-                megadoc of 5 documents is 1,290 tokens), 240k parameters; batch 4 x 1,024, lr 6e-3
-                with 20% warmup, cosine. Past 16 epochs it overfits the budget.
-  held out      sample_data/val.jsonl split in two by a hash of the id: "val" (tuning: every
-                choice below is made on it) and "test" (every final number is measured on it)
-  recipes       real      real documents only; grid: epochs {4, 8, 16, 32} x weight decay
-                          {0.1, 1.0} (wd 0.1 with 3 seeds at every point: the overfitting curve)
-                shuffled  rephrases (G = 4) as separate documents, m = 0.75
-                sorted    the same rephrases as megadocs, real document last, m = 0.75
-                latent    documents stretched with G = 2 latent thoughts, m = 0.75
-                          grid: real epochs {4, 8, 16}, weight decay 0.1
-                every recipe's point is chosen on seed 0's val loss (the paper's practice: tune on
-                one seed), then measured with 3 seeds
-  ablations     at 4 real epochs, 2 seeds: real document first / none in the megadocs; the
-                document and megadoc attention masks (causal is the default)
-  data law      the real-only recipe (its chosen weight decay) on 40, 80, 160, 320 and 640
-                documents, each at its best epochs of a small grid; a recipe's data efficiency is
-                the real budget this law needs for the recipe's loss, divided by the 160
-                documents' tokens
-  compute       training FLOPs of each run, and the FLOPs the paper's 8B generator would spend on
-                the synthetic tokens (prompt and completion) a recipe uses
+The method, phase by phase (each is a function below; the constants after the imports set every
+number, and the report is formatted from them):
+  data       The real budget: the first BUDGET documents of the study's order (the 160 documents
+             with written rephrases and thoughts, in SHA-256 order of their ids, then the other
+             training documents of 70-260 GPT-2 tokens in the same order), so that every smaller
+             budget is a random subset of every larger one. Held out: sample_data/val.jsonl split
+             in two by a hash of the id, "val" (every choice) and "test" (every reported number);
+             the first LONG_DOCS long documents (Python docs) as a second domain.
+  recipes    RECIPES, one line each: the pack.py stream and its values of G. A new recipe or a new
+             G is one line there (its synthetic records must exist up to that G).
+  tuning     Each point of every grid is trained with every seed (same init and data seeds for
+             every recipe and G, so runs are paired by seed). Real only: epochs x weight decay.
+             Synthetic: real epochs, from a grid extended by doubling or halving while the best
+             point is on its edge. Every choice is the lowest mean val loss over the seeds, so no
+             reported seed is picked for being lucky.
+  final      The ordering ablation at ORDERING_G, the attention 2 x 2 (training mask x
+             evaluation mask) at CDA_POINTS, sorted and latent at shuffled's tuned epochs, and the
+             real-only data law on the budgets of LAW (each at its tuned epochs).
+  results    Test losses with 95% t intervals over seeds (paired where the seeds are), the slope
+             in log2 G, sorted minus shuffled at each G, data efficiency with a range from
+             resampling the seeds, the second domain, tables in results.md and figures.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
+
+import numpy as np
 
 import evaluate
 import formats
 import pack
+from model import PRESETS, load_model
 from sweep import run_all
+from tokenizer import load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "sample_data")
-TOKENIZER = "gpt2:1024"
 CONFIG = os.path.join(HERE, "configs", "cpu_demo.json")
-BLOCK_SIZE = 1024                       # the cpu-2x64 preset's context (configs/cpu_demo.json uses it as is)
-MIX = 0.75                              # the paper's m
-LONG_DOCS = 3                           # long documents for the second-domain loss by position
-GENERATOR_PARAMS = 8e9                  # the paper's generator, Llama 3.1 8B
-RECIPES = {"shuffled": "shuffled_G4", "sorted": "sorted_G4", "latent": "latent_G2"}   # recipe -> stream
-ABLATIONS = {   # name -> (stream, mask); each at ablation_epochs, compared with sorted and shuffled
-    "sorted, real first": ("sorted_G4_front", "causal"),
-    "sorted, no real": ("sorted_G4_none", "causal"),
-    "sorted, document mask": ("sorted_G4", "document"),
-    "sorted, megadoc mask": ("sorted_G4", "megadoc"),
+TRAIN_CONFIG = json.load(open(CONFIG))                 # the model and optimizer of every run
+BATCH = TRAIN_CONFIG["batch_size"]                     # sequences per step (no gradient accumulation)
+BLOCK_SIZE = PRESETS[TRAIN_CONFIG["model"]]["block_size"]
+TOKENIZER = "gpt2:1024"                                # GPT-2's first 1,024 ranks + BOS
+MIX = 0.75                                             # m, the paper's synthetic fraction
+LENGTH = (70, 260)                                     # GPT-2 tokens: the filter of the study's documents
+BUDGET = 80                                            # real documents (those with G = 16 rephrases)
+LONG_DOCS = 3
+GENERATOR_PARAMS = 8e9                                 # the paper's generator, Llama 3.1 8B
+SELF_DISTILL_PREFIX = 32      # real tokens each self-distillation sample starts from (its anchor to a document)
+SELF_DISTILL_TOKENS = 320     # at most this many sampled after it: the budget's documents are 60-330 tokens long
+PACKING = dict(tokenizer=TOKENIZER, block_size=BLOCK_SIZE, log=lambda *a: None)
+EPOCH_LIMITS = (1, 64)                                 # how far a grid may be extended
+
+
+@dataclass(frozen=True)
+class Recipe:
+    mode: str                   # pack.py --mode
+    kind: str                   # the synthetic records it uses: rephrase or latent
+    Gs: tuple                   # its G axis
+    real_position: str = "back"
+
+
+RECIPES = {
+    "shuffled": Recipe("shuffled", "rephrase", (1, 2, 4, 8, 16)),   # rephrases as separate documents
+    "sorted": Recipe("sorted", "rephrase", (1, 2, 4, 8, 16)),       # megadocs, real document last
+    "latent": Recipe("latent", "latent", (1, 2, 4, 7)),             # documents stretched with thoughts
+    "self-distill": Recipe("shuffled", "self-distill", (1, 4)),     # samples of the real-only model
 }
-# The full grids fit in 20 minutes on 2 cores (docs/demo_design.md, section 3): the first weight
-# decay has every seed at every epoch count, to show overfitting with its spread; the others seed 0.
-FULL = dict(seeds=3, real_epochs=(4, 8, 16, 32), real_wd=(0.1, 1.0), syn_epochs=(4, 8, 16), syn_wd=0.1,
-            ablation_epochs=4, ablation_seeds=2, ablations=tuple(ABLATIONS),
-            law={40: (8, 16, 32), 80: (8, 16, 32), 320: (8, 16), 640: (4, 8)})
-QUICK = dict(seeds=1, real_epochs=(4, 8, 16, 32), real_wd=(0.1,), syn_epochs=(8,), syn_wd=0.1,
-             ablation_epochs=8, ablation_seeds=1, ablations=("sorted, no real", "sorted, document mask"),
-             law={40: (16, 32), 80: (16, 32), 320: (8, 16)})
+ORDERING_G = 8
+ORDERINGS = {   # the ordering ablation at ORDERING_G, all at sorted's tuned epochs: name -> recipe
+    "shuffled": Recipe("shuffled", "rephrase", (ORDERING_G,)),
+    "sorted, real last": Recipe("sorted", "rephrase", (ORDERING_G,)),
+    "sorted, real first": Recipe("sorted", "rephrase", (ORDERING_G,), "front"),
+    "sorted, no real": Recipe("sorted", "rephrase", (ORDERING_G,), "none"),
+    "shuffled, no real": Recipe("shuffled", "rephrase", (ORDERING_G,), "none"),
+}
+CDA_POINTS = (("real", 0), ("shuffled", 16))   # the attention 2 x 2, at these tuned points
+# ensembles over K: real only (its tuned point, and the paper's member recipe: 2x the epochs, half the
+# weight decay), the better of shuffled and sorted at their largest G, latent and self-distill at theirs
+ENSEMBLED = ("real", "real, member recipe", "rephrases", "latent", "self-distill")
+COLORS = {"shuffled": "#e67e22", "sorted": "#4a78d4", "latent": "#34495e", "real": "#7b3fa0",   # the blog's
+          "self-distill": "#2a9d8f", "rephrases": "#4a78d4", "real,": "#b48ad6"}
+MASKS = ("causal", "document")                 # causal lets attention cross documents ("CDA")
+
+
+@dataclass
+class Plan:
+    seeds: tuple
+    real_epochs: tuple
+    real_wd: tuple
+    syn_epochs: tuple             # the first grid of real epochs for every synthetic (recipe, G)
+    syn_wd: float
+    extend: int                   # rounds of extending a grid whose best point is on its edge
+    law: dict                     # real documents -> epochs grid of the data law (BUDGET: the real-only grid)
+    Gs: dict = field(default_factory=dict)   # recipe -> the G values to run (default: RECIPES)
+    ablations: bool = True        # the ordering ablation and the attention 2 x 2
+    members: int = 5              # ensembles of K = 1 .. members seeds at the tuned points of ENSEMBLED (0: none)
+
+
+FULL = Plan(seeds=(0, 1, 2), real_epochs=(8, 16, 32), real_wd=(0.1, 1.0), syn_epochs=(4, 8), syn_wd=0.1, extend=2,
+            law={20: (16, 32), 40: (16, 32), 160: (8, 16), 320: (8, 16)})
+QUICK = Plan(seeds=(0,), real_epochs=(8, 16, 32), real_wd=(0.1,), syn_epochs=(8,), syn_wd=0.1, extend=0,
+             law={20: (32,), 40: (16,), 160: (16,), 320: (8,)},
+             Gs={"shuffled": (1, 4, 16), "sorted": (1, 4, 16), "latent": (1, 7), "self-distill": (1, 4)},
+             ablations=False, members=0)
+
+
+def stream_name(recipe, G):
+    what = recipe.mode if recipe.kind == "rephrase" else recipe.kind
+    return f"{what}_G{G}" + ("" if recipe.real_position == "back" else f"_{recipe.real_position}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One train.py run of the study."""
+    recipe: str                 # "real", a name of RECIPES or of ORDERINGS
+    G: int                      # generations per document (0: real only)
+    epochs: float               # passes over the real documents
+    weight_decay: float
+    seed: int                   # init seed = data seed
+    documents: int = BUDGET     # the real budget
+    mask: str = "causal"
+    stream: str = ""            # the synthetic token file ("" for real only)
+
+    @property
+    def name(self):
+        what = self.recipe.replace(", ", "-").replace(" ", "-") + (f"_G{self.G}" if self.G else "")
+        budget = "" if self.documents == BUDGET else f"_d{self.documents}"
+        mask = "" if self.mask == "causal" else f"_{self.mask}"
+        return f"{what}{budget}{mask}_e{self.epochs:g}_wd{self.weight_decay:g}_s{self.seed}"
+
+    def train_args(self, data):
+        args = ["--config", CONFIG, "--real", f"{data}/real{self.documents}", "--val", f"{data}/val",
+                "--test", f"{data}/test", "--long", f"{data}/long", "--epochs", f"{self.epochs:g}",
+                "--weight_decay", f"{self.weight_decay:g}", "--mask", self.mask, "--init_seed", str(self.seed),
+                "--data_seed", str(self.seed), "--log_interval", "1000"]
+        if self.stream:
+            args += ["--synthetic", f"{data}/{self.stream}", "--mix", f"{MIX:g}"]
+        if self.recipe == "real" and self.documents == BUDGET:
+            args += ["--eval_train", "true"]   # the overfitting curve
+        return args
+
+
+def real_run(epochs, wd, seed, documents=BUDGET, mask="causal"):
+    return Run("real", 0, epochs, wd, seed, documents, mask)
+
+
+def synthetic_run(name, G, epochs, wd, seed, mask="causal"):
+    """A run of a recipe (an ordering variant that is one of RECIPES is that recipe's run)."""
+    recipe = RECIPES.get(name) or ORDERINGS[name]
+    name = next((n for n, r in RECIPES.items() if (r.mode, r.kind, r.real_position) ==
+                 (recipe.mode, recipe.kind, recipe.real_position)), name)
+    return Run(name, G, epochs, wd, seed, mask=mask, stream=stream_name(recipe, G))
+
+
+class Trainer:
+    """Trains Runs with sweep.run_all (`jobs` at a time, one thread each) and keeps their summaries."""
+
+    def __init__(self, out, data, tokens, jobs, started, log):
+        self.out, self.data, self.tokens, self.jobs, self.started, self.log = out, data, tokens, jobs, started, log
+        self.summaries = {}
+
+    def dir(self, run):
+        return os.path.join(self.out, run.name)
+
+    def ckpt(self, run):
+        return os.path.join(self.out, run.name, "ckpt.pt")
+
+    def cost(self, run):
+        """Tokens trained: real epochs x real tokens / (1 - m) with a synthetic stream."""
+        return run.epochs * self.tokens[f"real{run.documents}"] / (1 - MIX if run.stream else 1)
+
+    def train(self, runs, label, later=0.0):
+        runs = list(dict.fromkeys(runs))   # each run once, in order
+        self.log(f"\n{label}: {len(runs)} runs")
+        summaries = run_all({self.dir(r): r.train_args(self.data) for r in runs}, jobs=self.jobs,
+                            threads=1 if self.jobs > 1 else None, cost={self.dir(r): self.cost(r) for r in runs},
+                            later=later, log=self.log, started=self.started)
+        self.summaries.update({r: summaries[self.dir(r)] for r in runs})
+
+    def metric(self, runs, key="test_loss"):
+        return [self.summaries[r][key] for r in runs]
+
+    def mean_val(self, runs):
+        return statistics.mean(self.metric(runs, "val_loss"))
+
+
+# -----------------------------------------------------------------------------
+# data
 
 
 def read_jsonl(path):
@@ -85,284 +219,701 @@ def write_jsonl(path, rows):
     return path
 
 
-def prepare_data(d, budgets, log):
-    """Token files of every real budget, the two held-out splits, the long documents and every
-    synthetic stream; returns {name: pack summary} and the generator tokens of each stream."""
-    os.makedirs(d, exist_ok=True)
+def study_documents():
+    """The study's order of training documents: the 160 with written synthetic data (SHA-256 order
+    of their ids), then every other training document of LENGTH GPT-2 tokens in the same order."""
+    enc, _ = load_tokenizer("gpt2")
     train = read_jsonl(os.path.join(DATA, "train.jsonl"))
-    rephrase = os.path.join(DATA, "synthetic", "rephrase.jsonl")
-    latent = os.path.join(DATA, "synthetic", "latent.jsonl")
-    sources = {r["source_id"] for r in read_jsonl(rephrase)}
-    main = [r for r in train if r["id"] in sources]            # the 160 documents with synthetic data
-    others = [r for r in train if r["id"] not in sources]      # more real text, for larger budgets
-    subsets = {n: (main + others)[:n] for n in sorted(set(budgets) | {len(main)})}
+    sources = {r["source_id"] for r in read_jsonl(os.path.join(DATA, "synthetic", "rephrase.jsonl"))}
+    first = [r for r in train if r["id"] in sources]
+    rest = [r for r in train if r["id"] not in sources and LENGTH[0] <= len(enc.encode_ordinary(r["text"])) <= LENGTH[1]]
+    return sorted(first, key=sha256_of_id) + sorted(rest, key=sha256_of_id)
+
+
+def sha256_of_id(doc):
+    return hashlib.sha256(doc["id"].encode()).hexdigest()
+
+
+def synthetic_file(kind, d):
+    """The records of a kind: the shipped sample data, or the self-distillation samples the study draws."""
+    return os.path.join(d, "self-distill.jsonl") if kind == "self-distill" else \
+        os.path.join(DATA, "synthetic", f"{kind}.jsonl")
+
+
+def prepare_data(d, plan, log):
+    """Token files of every real budget, val, test and the long documents. Returns their pack
+    summaries and the budget's documents."""
+    os.makedirs(d, exist_ok=True)
+    documents = study_documents()
+    packed = {}
+    for n in sorted({BUDGET, *plan.law}):
+        packed[f"real{n}"] = pack.pack(write_jsonl(f"{d}/real{n}.jsonl", documents[:n]), f"{d}/real{n}", **PACKING)
     val = read_jsonl(os.path.join(DATA, "val.jsonl"))
-    half = lambda r: hashlib.sha256(r["id"].encode()).digest()[0] % 2   # a split that ignores file order
-    common = dict(tokenizer=TOKENIZER, block_size=BLOCK_SIZE, log=lambda *a: None)
-    streams = {}
-    for n, rows in subsets.items():
-        streams[f"real{n}"] = pack.pack(write_jsonl(f"{d}/real{n}.jsonl", rows), f"{d}/real{n}", **common)
-    for name, rows in (("val", [r for r in val if half(r) == 0]), ("test", [r for r in val if half(r) == 1]),
+    test_half = {r["id"] for r in val if int(sha256_of_id(r)[:2], 16) % 2}   # a split that ignores file order
+    for name, rows in (("val", [r for r in val if r["id"] not in test_half]),
+                       ("test", [r for r in val if r["id"] in test_half]),
                        ("long", read_jsonl(os.path.join(DATA, "long.jsonl"))[:LONG_DOCS])):
-        streams[name] = pack.pack(write_jsonl(f"{d}/{name}.jsonl", rows), f"{d}/{name}", **common)
-    real = f"{d}/real{len(main)}.jsonl"
-    for mode, position in (("shuffled", "back"), ("sorted", "back"), ("sorted", "front"), ("sorted", "none")):
-        name = f"{mode}_G4" + ("" if position == "back" else f"_{position}")
-        streams[name] = pack.pack(real, f"{d}/{name}", mode, [rephrase], G=4, real_position=position, **common)
-    streams["latent_G2"] = pack.pack(real, f"{d}/latent_G2", "latent", [latent], G=2, **common)
-
-    # what the synthetic records of each stream cost a generator: prompt + completion tokens
-    def generated_tokens(path, G):
-        return sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in read_jsonl(path)
-                   if r["index"] < G and r["source_id"] in sources)
-    gen_tokens = {"real": 0, "shuffled": generated_tokens(rephrase, 4), "sorted": generated_tokens(rephrase, 4),
-                  "latent": generated_tokens(latent, 2)}
-    log(f"packed {len(streams)} token files into {d}/ (tokenizer {TOKENIZER}, windows of {BLOCK_SIZE})")
-    for name in (f"real{len(main)}", "val", "test", *RECIPES.values()):
-        s = streams[name]
-        log(f"  {name:<12} {s['documents']:>5} documents {s['tokens']:>8,} tokens; mean megadoc "
-            f"{s['mean megadoc tokens']:,.0f} tokens; windows with 2+ documents of one source: "
-            f"{100 * s['windows with 2+ documents of one source']:.0f}%")
-    return streams, len(main), gen_tokens
+        packed[name] = pack.pack(write_jsonl(f"{d}/{name}.jsonl", rows), f"{d}/{name}", **PACKING)
+    log(f"packed {len(packed)} real and held-out token files into {d}/ (tokenizer {TOKENIZER}, windows of {BLOCK_SIZE})")
+    return packed, documents[:BUDGET]
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def pack_streams(d, streams, budget, log):
+    """Token files of the synthetic streams [(recipe, G)] on the real budget. Returns their pack
+    summaries and, per stream, the prompt + completion tokens of the records it uses."""
+    budget_ids = {r["id"] for r in budget}
+    packed, generated = {}, {}
+    for recipe, G in sorted(set(streams), key=lambda rg: stream_name(*rg)):
+        path, name = synthetic_file(recipe.kind, d), stream_name(recipe, G)
+        packed[name] = pack.pack(f"{d}/real{BUDGET}.jsonl", f"{d}/{name}", recipe.mode, [path], G=G,
+                                 real_position=recipe.real_position, synthetic_kind=recipe.kind if recipe.mode != "latent"
+                                 else None, keep_truncated=recipe.kind == "self-distill", **PACKING)
+        if packed[name]["sources with fewer than G generations"]:
+            raise SystemExit(f"error: {name}: {packed[name]['sources with fewer than G generations']} of the {BUDGET} "
+                             f"documents have fewer than {G} {recipe.kind} records in {path}")
+        generated[name] = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+                              for r in read_jsonl(path) if r["index"] < G and r["source_id"] in budget_ids)
+    log(f"packed {len(packed)} synthetic streams: " + ", ".join(packed))
+    return packed, generated
 
 
-def pm(values):
-    m, s = mean_std(values)
-    return f"{m:.4f} ± {s:.4f}" if len(values) > 1 else f"{m:.4f}"
+def draw_self_distillation(teacher_ckpt, d, G, log):
+    """SELF_DISTILL_G samples per budget document from the tuned real-only model, the way a user
+    would draw them: serve.py serves the checkpoint on a free port of 127.0.0.1 and generate.py
+    samples it over HTTP (resumable: a rerun adds only what is missing). Returns the cost:
+    {"records", "completion_tokens", "seconds"} (seconds of the run that drew them)."""
+    out, cost_path = os.path.join(d, "self-distill.jsonl"), os.path.join(d, "self-distill.cost.json")
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--ckpt", teacher_ckpt, "--port", "0",
+                               "--device", "cpu", "--quiet"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()   # "serving ... on http://127.0.0.1:PORT/v1 (...)"
+        url = line.split(" on ", 1)[1].split()[0] if " on http" in line else None
+        if url is None:
+            raise SystemExit(f"error: serve.py did not start ({line.strip() or 'no output'})")
+        started = time.time()
+        subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--input", f"{d}/real{BUDGET}.jsonl",
+                        "--out_jsonl", out, "--endpoint", url, "--model", "nanosynth", "--kind", "self-distill",
+                        "--G", str(G), "--n_per_request", str(G), "--prefix_tokens", str(SELF_DISTILL_PREFIX),
+                        "--max_new_tokens", str(SELF_DISTILL_TOKENS), "--tokenizer", TOKENIZER, "--keep_truncated",
+                        "--concurrency", "1", "--progress_every", "30"], check=True)
+        seconds = time.time() - started
+    finally:
+        server.terminate()
+        server.wait()
+    records = read_jsonl(out)
+    cost = {"records": len(records), "completion_tokens": sum(r["usage"]["completion_tokens"] for r in records),
+            "truncated": sum(r["finish_reason"] == "length" for r in records)}
+    if not os.path.exists(cost_path) or json.load(open(cost_path))["records"] != len(records):
+        with formats.atomic_open(cost_path, "w") as f:   # the seconds of the run that drew them all
+            json.dump(dict(cost, seconds=round(seconds, 1)), f)
+    cost = json.load(open(cost_path))
+    log(f"self-distillation: {cost['records']} samples, {cost['completion_tokens']:,} tokens sampled in "
+        f"{cost['seconds']:.0f} s, {cost['truncated']} cut at {SELF_DISTILL_TOKENS} tokens")
+    return cost
+
+
+# -----------------------------------------------------------------------------
+# tuning: every choice on the mean val loss over seeds
+
+
+def tune_real_only(trainer, plan, later):
+    """The real-only grid (epochs x weight decay, every seed): {(wd, epochs): runs} and the choice."""
+    grid = {(wd, e): [real_run(e, wd, s) for s in plan.seeds] for wd in plan.real_wd for e in plan.real_epochs}
+    trainer.train([r for runs in grid.values() for r in runs], "real only: the epochs x weight decay grid", later)
+    return grid, min(grid, key=lambda k: trainer.mean_val(grid[k]))
+
+
+def tune_synthetic(trainer, plan, keys, later):
+    """Real epochs for every (recipe, G) in keys: the first grid for all, then, for a point whose best
+    epochs are on the edge of its grid, the next doubling (or halving) with every seed, for up to
+    plan.extend rounds. Returns {key: {epochs: runs}} and {key: chosen epochs}."""
+    def runs_of(key, epochs):
+        return [synthetic_run(key[0], key[1], epochs, plan.syn_wd, seed) for seed in plan.seeds]
+    grids = {key: {e: runs_of(key, e) for e in plan.syn_epochs} for key in keys}
+    for round_ in range(plan.extend + 1):
+        trainer.train([r for key in keys for runs in grids[key].values() for r in runs],
+                      f"synthetic recipes: real epochs, tuning round {round_ + 1}", later)
+        chosen = {key: min(grids[key], key=lambda e: trainer.mean_val(grids[key][e])) for key in keys}
+        grow = {}
+        for key, best in chosen.items():
+            if len(grids[key]) > 1 and best == max(grids[key]) and 2 * best <= EPOCH_LIMITS[1]:
+                grow[key] = 2 * best
+            elif len(grids[key]) > 1 and best == min(grids[key]) and best / 2 >= EPOCH_LIMITS[0]:
+                grow[key] = best / 2
+        if not grow or round_ == plan.extend:
+            return grids, chosen
+        for key, e in grow.items():
+            grids[key][e] = runs_of(key, e)
+        trainer.log("extending the grid where the best epochs are on its edge: " +
+                    ", ".join(f"{r} G={G} -> {e:g}" for (r, G), e in grow.items()))
+
+
+def tune_law(trainer, plan, wd, grid_80, later):
+    """The real-only data law: for each budget of plan.law, its grid of epochs with every seed;
+    returns {documents: {epochs: runs}} (the study's own budget: its real-only grid at wd) and the
+    chosen epochs of each budget."""
+    law = {n: {e: [real_run(e, wd, s, n) for s in plan.seeds] for e in grid} for n, grid in plan.law.items()}
+    law[BUDGET] = {e: runs for (w, e), runs in grid_80.items() if w == wd}
+    trainer.train([r for n, grid in law.items() if n != BUDGET for runs in grid.values() for r in runs],
+                  "the real-only data law: each budget's epochs grid", later)
+    return law, {n: min(grid, key=lambda e: trainer.mean_val(grid[e])) for n, grid in law.items()}
+
+
+# -----------------------------------------------------------------------------
+# the runs that depend on the choices
+
+
+def final_runs(plan, trainer, real_point, syn_chosen, syn_grids):
+    """Runs at the tuned points: the ordering ablation (every variant at sorted's tuned epochs at
+    ORDERING_G), the attention 2 x 2 (the tuned points of CDA_POINTS trained with the document mask),
+    sorted / latent / self-distill at shuffled's tuned epochs for the same (or nearest) G, and the
+    ensemble members (seeds 0 .. plan.members - 1 at the tuned points of ENSEMBLED)."""
+    seeds, wd = plan.seeds, plan.syn_wd
+    real_wd, real_e = real_point
+    ordering, cda, controlled, members = {}, {}, {}, {}
+    if plan.ablations:
+        e = syn_chosen[("sorted", ORDERING_G)]
+        ordering = {name: [synthetic_run(name, ORDERING_G, e, wd, s) for s in seeds] for name in ORDERINGS}
+        for recipe, G in CDA_POINTS:
+            for mask in MASKS:
+                if recipe == "real":
+                    cda[recipe, G, mask] = [real_run(real_e, real_wd, s, mask=mask) for s in seeds]
+                else:
+                    cda[recipe, G, mask] = [synthetic_run(recipe, G, syn_chosen[recipe, G], wd, s, mask) for s in seeds]
+    shuffled_Gs = sorted(G for r, G in syn_chosen if r == "shuffled")
+    for (recipe, G) in syn_chosen:
+        if recipe != "shuffled" and shuffled_Gs:
+            nearest = min(shuffled_Gs, key=lambda g: abs(math.log2(g) - math.log2(G)))
+            e = syn_chosen["shuffled", nearest]
+            controlled[recipe, G] = (nearest, e, [synthetic_run(recipe, G, e, wd, s) for s in seeds])
+    if plan.members:
+        member_seeds = range(plan.members)
+        largest = {name: max(G for r, G in syn_chosen if r == name) for name in RECIPES}
+        rephrases = min(("shuffled", "sorted"), key=lambda name: trainer.mean_val(
+            syn_grids[name, largest[name]][syn_chosen[name, largest[name]]]))
+        members["real"] = [real_run(real_e, real_wd, s) for s in member_seeds]
+        members["real, member recipe"] = [real_run(2 * real_e, real_wd / 2, s) for s in member_seeds]
+        for label, name in (("rephrases", rephrases), ("latent", "latent"), ("self-distill", "self-distill")):
+            G = largest[name]
+            members[label] = [synthetic_run(name, G, syn_chosen[name, G], wd, s) for s in member_seeds]
+    return ordering, cda, controlled, members
+
+
+# -----------------------------------------------------------------------------
+# results
+
+
+def on_edge(grid, epochs):
+    return " (edge)" if len(grid) > 1 and epochs in (min(grid), max(grid)) else ""
+
+
+def half_width(values):
+    """The half width of the 95% t interval of a mean over seeds (0 for one seed: no error bar)."""
+    return evaluate.mean_interval(values)[1] if len(values) > 1 else 0.0
+
+
+def fmt(values, digits=4):
+    """mean ± std over seeds (the mean alone for one seed)."""
+    if len(values) < 2:
+        return f"{statistics.mean(values):.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def interval(mean_half):
+    """A difference with its 95% interval and whether the interval excludes zero."""
+    mean, half = mean_half
+    if half != half:
+        return evaluate.format_interval(mean, half) + " (one seed: no interval)"
+    return evaluate.format_interval(mean, half) + (" (resolved)" if evaluate.resolved(mean, half) else " (not resolved)")
+
+
+class DataLaw:
+    """The real-only law: per-seed test losses at each budget's tuned epochs, and data efficiency by
+    interpolation and by the fit L(D) = A / D^B + C, with ranges from resampling the seeds."""
+
+    def __init__(self, tokens, losses_by_budget):
+        self.budgets = sorted(losses_by_budget)
+        self.tokens = [tokens[f"real{n}"] for n in self.budgets]
+        self.losses = [losses_by_budget[n] for n in self.budgets]
+        self.problems = []
+        self.fit = evaluate.fit_power_law(self.tokens, [statistics.mean(l) for l in self.losses],
+                                          warn=self.problems.append)
+
+    @functools.lru_cache(maxsize=None)
+    def resampled_fit(self, law_means):
+        problems = []
+        fit = evaluate.fit_power_law(self.tokens, list(law_means), warn=problems.append)
+        return None if problems else fit
+
+    def efficiency(self, recipe_losses, D):
+        """(interpolated k, its relation, (low, high)), (fit k or None, (low, high) or None)."""
+        means = [statistics.mean(l) for l in self.losses]
+        budget, relation = evaluate.interpolated_budget(statistics.mean(recipe_losses), self.tokens, means)
+
+        def by_interpolation(loss, *law_means):
+            return evaluate.interpolated_budget(loss, self.tokens, law_means)[0] / D
+
+        def by_fit(loss, *law_means):
+            fit = self.resampled_fit(tuple(float(m) for m in law_means))
+            return math.nan if fit is None else evaluate.data_efficiency(loss, fit, D)
+        n = len(recipe_losses)
+        if n < 2:
+            ranges = (math.nan, math.nan), (math.nan, math.nan)
+        else:
+            ranges = (evaluate.seed_bootstrap(by_interpolation, recipe_losses, *self.losses),
+                      evaluate.seed_bootstrap(by_fit, recipe_losses, *self.losses))
+        fit_k = None if self.problems else evaluate.data_efficiency(statistics.mean(recipe_losses), self.fit, D)
+        return (budget / D, relation, ranges[0]), (fit_k, ranges[1])
+
+
+def efficiency_text(estimate):
+    (k, relation, (lo, hi)), (fit_k, (flo, fhi)) = estimate
+    interp = f"{'>' if relation == '>' else ''}{k:.2f}x" + ("" if lo != lo else f" [{lo:.2f}, {hi:.2f}]")
+    if fit_k is None:
+        return interp, "n/a (fit not identifiable)"
+    fit = "above the fit's asymptote" if fit_k == math.inf else f"{fit_k:.2f}x"
+    return interp, fit + ("" if flo != flo else f" [{flo:.2f}, {fhi:.2f}]" if fhi == fhi else " [some resamples not identifiable]")
+
+
+@dataclass
+class Study:
+    """Everything the results are computed from: the plan, the trainer with every run's summary,
+    the token files, and the grids and choices of each phase."""
+    plan: Plan
+    out: str
+    trainer: Trainer
+    packed: dict                  # token file -> its pack summary
+    generated: dict               # stream -> generator tokens (prompt + completion) of its records
+    self_distill: dict = None     # the cost of drawing the self-distillation samples
+    real_grid: dict = None        # (wd, epochs) -> runs
+    real_point: tuple = None      # the chosen (wd, epochs)
+    syn_grids: dict = None        # (recipe, G) -> {epochs: runs}
+    syn_chosen: dict = None       # (recipe, G) -> chosen epochs
+    ordering: dict = None         # variant -> runs
+    cda: dict = None              # (recipe, G, training mask) -> runs
+    controlled: dict = None       # (recipe, G) -> (shuffled's G, its epochs, runs)
+    members: dict = None          # ENSEMBLED name -> runs (seeds 0 .. members - 1)
+    law_grid: dict = None         # documents -> {epochs: runs}
+    law_chosen: dict = None       # documents -> chosen epochs
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out_dir", default=os.path.join(HERE, "out", "demo"), help="where data, runs and results go")
-    ap.add_argument("--quick", action="store_true", help="one seed and smaller grids: about 5 minutes")
+    ap.add_argument("--quick", action="store_true", help="one seed, three values of G, no ablations: about 5 minutes")
     ap.add_argument("--jobs", type=int, default=2, help="train.py runs side by side (one torch thread each)")
     args = ap.parse_args()
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
-    P = QUICK if args.quick else FULL
-    out = os.path.join(args.out_dir, "quick" if args.quick else "")
-    out = out.rstrip("/")
-    t0 = time.time()
-    log = lambda *a: print(*a, flush=True)
-    d = os.path.join(out, "data")
-    streams, n_main, gen_tokens = prepare_data(d, P["law"], log)
-    runs_dir = os.path.join(out, "runs")
-    tokens = lambda name: streams[name]["tokens"]
-    seeds = range(P["seeds"])
+    plan = QUICK if args.quick else FULL
+    out = os.path.join(args.out_dir, "quick") if args.quick else args.out_dir
+    data = os.path.join(out, "data")
+    started = time.time()
+    log = functools.partial(print, flush=True)
 
-    def run(name, real, epochs, wd, seed, stream=None, mask="causal", extra=()):
-        """One train.py run: its out_dir, arguments and cost (tokens it trains on)."""
-        a = ["--config", CONFIG, "--real", f"{d}/{real}", "--val", f"{d}/val", "--test", f"{d}/test",
-             "--epochs", f"{epochs:g}", "--weight_decay", f"{wd:g}", "--mask", mask,
-             "--init_seed", str(seed), "--data_seed", str(seed), "--log_interval", "1000", *extra]
-        if stream:
-            a += ["--synthetic", f"{d}/{stream}", "--mix", f"{MIX:g}"]
-        cost = epochs * tokens(real) / (1 - MIX if stream else 1) * (1.25 if mask != "causal" else 1)
-        return os.path.join(runs_dir, f"{name}_e{epochs:g}_wd{wd:g}_s{seed}"), a, cost
+    # ---- data: the real budgets and held-out splits, the streams of the written synthetic data
+    packed, budget = prepare_data(data, plan, log)
+    syn_keys = [(name, G) for name, recipe in RECIPES.items() for G in plan.Gs.get(name, recipe.Gs)]
+    written = [(RECIPES[r], G) for r, G in syn_keys if RECIPES[r].kind != "self-distill"]
+    written += [(recipe, ORDERING_G) for recipe in ORDERINGS.values()] if plan.ablations else []
+    streams, generated = pack_streams(data, written, budget, log)
+    trainer = Trainer(os.path.join(out, "runs"), data, {name: p["tokens"] for name, p in packed.items()},
+                      args.jobs, started, log)
+    study = Study(plan, out, trainer, {**packed, **streams}, generated)
+    guess = estimated_cost(trainer, plan, syn_keys)
 
-    def train_all(specs, label, later=0.0):
-        specs = list({o: (o, a, c) for o, a, c in specs}.values())   # each run once
-        log(f"\n{label}: {len(specs)} runs")
-        return run_all({o: a for o, a, _ in specs}, jobs=args.jobs, threads=1 if args.jobs > 1 else None,
-                       cost={o: c for o, _, c in specs}, later=later, log=log, started=t0)
+    # ---- real only, tuned on the val split; its tuned model is the self-distillation teacher
+    study.real_grid, study.real_point = tune_real_only(trainer, plan, sum(guess.values()) - guess["real"])
+    teacher = study.real_grid[study.real_point][0]
+    distilled = [(RECIPES[r], G) for r, G in syn_keys if RECIPES[r].kind == "self-distill"]
+    if distilled:
+        study.self_distill = draw_self_distillation(trainer.ckpt(teacher), data, max(G for _, G in distilled), log)
+        streams, generated = pack_streams(data, distilled, budget, log)
+        study.packed.update(streams)
+        study.generated.update(generated)
+    trainer.tokens.update({name: p["tokens"] for name, p in study.packed.items()})
 
-    # ---- phase 1: the grids that every choice is made from (on the "val" split); the long
-    # documents are evaluated here only (the recipes' seed 0 runs are among these)
-    main_real = f"real{n_main}"
-    long = ("--long", f"{d}/long")
-    curve_wd = P["real_wd"][0]
-    real_grid = {(wd, e, s): run("real", main_real, e, wd, s, extra=(*long, "--eval_train", "true"))
-                 for wd in P["real_wd"] for e in P["real_epochs"] for s in (seeds if wd == curve_wd else [0])}
-    syn_grid = {(r, e): run(r, main_real, e, P["syn_wd"], 0, stream, extra=long)
-                for r, stream in RECIPES.items() for e in P["syn_epochs"]}
+    # ---- the synthetic recipes' real epochs, tuned on the val split
+    study.syn_grids, study.syn_chosen = tune_synthetic(trainer, plan, syn_keys, guess["final"] + guess["law"])
+    log(f"chosen on the mean val loss over seeds: real only {study.real_point[1]:g} epochs, wd "
+        f"{study.real_point[0]:g}; " + ", ".join(f"{r} G={G} {e:g}" for (r, G), e in study.syn_chosen.items()))
 
-    def phase2(chosen):
-        """The runs that depend on the choices: recipes {name: [runs]}, ablations {name: [runs]}
-        and the data law {documents: {epochs: run}}."""
-        real_wd, real_e = chosen["real"]
-        recipe_runs = {"real": [real_grid.get((real_wd, real_e, s)) or run("real", main_real, real_e, real_wd, s)
-                                for s in seeds]}
-        for r, stream in RECIPES.items():
-            recipe_runs[r] = [syn_grid[r, chosen[r][1]]] + [run(r, main_real, chosen[r][1], P["syn_wd"], s, stream)
-                                                          for s in seeds[1:]]
-        E, ab_seeds = P["ablation_epochs"], range(P["ablation_seeds"])
-        ablation_runs = {f"{r} (reference)": [run(r, main_real, E, P["syn_wd"], s, RECIPES[r]) for s in ab_seeds]
-                         for r in ("shuffled", "sorted")}
-        for name in P["ablations"]:
-            stream, mask = ABLATIONS[name]
-            slug = name.replace(", ", "-").replace(" ", "-")
-            ablation_runs[name] = [run(slug, main_real, E, P["syn_wd"], s, stream, mask) for s in ab_seeds]
-        law_runs = {n: {e: run(f"real{n}", f"real{n}", e, real_wd, 0) for e in grid} for n, grid in P["law"].items()}
-        return recipe_runs, ablation_runs, law_runs
+    # ---- runs at the tuned points, and the data law
+    study.ordering, study.cda, study.controlled, study.members = final_runs(plan, trainer, study.real_point,
+                                                                            study.syn_chosen, study.syn_grids)
+    trainer.train([r for runs in (*study.ordering.values(), *study.cda.values(), *study.members.values(),
+                                  *(c[2] for c in study.controlled.values())) for r in runs],
+                  "at the tuned points: ordering, attention masks, controlled epochs, ensemble members", guess["law"])
+    study.law_grid, study.law_chosen = tune_law(trainer, plan, study.real_point[0], study.real_grid, later=0.0)
 
-    def all_runs(recipe_runs, ablation_runs, law_runs):
-        return ([spec for runs_ in (*recipe_runs.values(), *ablation_runs.values()) for spec in runs_] +
-                [spec for grid in law_runs.values() for spec in grid.values()])
-
-    phase1 = list(real_grid.values()) + list(syn_grid.values())
-    guess = {"real": (P["real_wd"][0], 16), **{r: (P["syn_wd"], P["ablation_epochs"]) for r in RECIPES}}
-    done1 = {o for o, _, _ in phase1}
-    later = sum({o: c for o, _, c in all_runs(*phase2(guess)) if o not in done1}.values())
-    S = train_all(phase1, "phase 1, the tuning grids", later=later)
-    summary = lambda spec: S[spec[0]]
-
-    real_curve = {(wd, e): [summary(real_grid[k]) for k in real_grid if k[:2] == (wd, e)]
-                  for wd in P["real_wd"] for e in P["real_epochs"]}
-    real_wd, real_e = min(real_curve, key=lambda k: real_curve[k][0]["val_loss"])   # seed 0, as for every recipe
-    chosen = {"real": (real_wd, real_e)}
-    for r in RECIPES:
-        chosen[r] = (P["syn_wd"], min(P["syn_epochs"], key=lambda e: summary(syn_grid[r, e])["val_loss"]))
-    log("chosen on the val split: " + ", ".join(f"{r} {e:g} epochs (wd {wd:g})" for r, (wd, e) in chosen.items()))
-
-    # ---- phase 2: seeds at the chosen points, ablations, and the data law
-    recipe_runs, ablation_runs, law_runs = phase2(chosen)
-    S.update(train_all(all_runs(recipe_runs, ablation_runs, law_runs),
-                       "phase 2: seeds at the chosen points, ablations, data law"))
-
-    # ---- results: every final number on the "test" split
-    log("\nevaluating ensembles")
-    test = lambda specs_: [summary(spec)["test_loss"] for spec in specs_]
-    law_points = {n_main: statistics.mean(test(recipe_runs["real"]))}
-    law_epochs = {n_main: real_e}
-    for n, grid in law_runs.items():
-        best = min(grid, key=lambda e: summary(grid[e])["val_loss"])
-        law_points[n], law_epochs[n] = summary(grid[best])["test_loss"], best
-    budgets = sorted(law_points)
-    budget_tokens = [tokens(f"real{n}") for n in budgets]
-    problems = []
-    law = evaluate.fit_power_law(budget_tokens, [law_points[n] for n in budgets], warn=problems.append)
-    D = tokens(main_real)
-
-    def efficiency(loss):
-        """Data efficiency by interpolation between measured budgets, and by the fit (if it holds)."""
-        budget, relation = evaluate.interpolated_budget(loss, budget_tokens, [law_points[n] for n in budgets])
-        k = evaluate.data_efficiency(loss, law, D)
-        by_fit = "n/a" if problems else f"{k:.2f}x" if k < math.inf else "below the fit's asymptote"
-        return f"{relation if relation != '=' else ''}{budget / D:.2f}x", by_fit
-
-    rows, bars = [], {}
-    real_mean, real_std = mean_std(test(recipe_runs["real"]))
-    for r, specs_ in recipe_runs.items():
-        losses = test(specs_)
-        m, s = mean_std(losses)
-        ens = evaluate.ensemble_loss([f"{o}/ckpt.pt" for o, _, _ in specs_], f"{d}/test") if len(specs_) > 1 else m
-        first = summary(specs_[0])
-        batch_tokens = first["config"]["batch_size"] * first["config"]["grad_accum"] * BLOCK_SIZE
-        train_flops = evaluate.training_flops(first["model_config"], first["steps"] * batch_tokens)
-        gen_flops = evaluate.generation_flops(gen_tokens[r], GENERATOR_PARAMS)
-        se = math.sqrt((s ** 2 + real_std ** 2) / len(losses)) if len(losses) > 1 else float("nan")
-        diff = "" if r == "real" else f"{m - real_mean:+.4f} ± {se:.4f} ({(m - real_mean) / se:+.1f} SE)" \
-            if len(losses) > 1 else f"{m - real_mean:+.4f}"
-        rows.append([r, f"{chosen[r][1]:g}", f"{chosen[r][0]:g}", f"{0 if r == 'real' else MIX:g}", first["steps"],
-                     len(losses), pm(losses), f"{ens:.4f}", diff, *efficiency(m), f"{train_flops:.2e}",
-                     f"{gen_flops:.2e}", f"{train_flops + gen_flops:.2e}"])
-        bars[r] = (m, s)
-    recipe_table = evaluate.markdown_table(
-        ["recipe", "real epochs", "wd", "m", "steps", "seeds", "test loss (mean ± std)", f"ensemble of {len(seeds)}",
-         "vs real-only (± SE)", "data efficiency (interpolated)", "data efficiency (fit)", "training FLOPs",
-         "generation FLOPs", "total FLOPs"], rows)
-
-    curve_rows = []
-    for (wd, e), runs_ in real_curve.items():
-        curve_rows.append([f"{wd:g}", f"{e:g}", runs_[0]["steps"], len(runs_), pm([x["train_loss"] for x in runs_]),
-                           pm([x["val_loss"] for x in runs_]), pm([x["test_loss"] for x in runs_])])
-    curve_table = evaluate.markdown_table(["wd", "real epochs", "steps", "seeds", "train loss (mean ± std)",
-                                           "val loss (mean ± std)", "test loss (mean ± std)"], curve_rows)
-    overfit_lines = []
-    for wd in P["real_wd"]:
-        means = {e: mean_std([x["val_loss"] for x in real_curve[wd, e]]) for e in P["real_epochs"]}
-        best = min(means, key=lambda e: means[e][0])
-        inside = best not in (P["real_epochs"][0], P["real_epochs"][-1])
-        line = f"wd {wd:g}: minimum at {best:g} epochs (val {means[best][0]:.4f})" + ("" if inside else ", on the edge of the grid")
-        later = [e for e in P["real_epochs"] if e > best]
-        if later:
-            e2 = later[0]
-            gap, spread = means[e2][0] - means[best][0], max(means[e2][1], means[best][1])
-            line += f"; at {e2:g} epochs it is {gap:+.4f} higher" + (f" ({gap / spread:.1f} std)" if spread > 0 else "")
-        overfit_lines.append("- " + line + ("" if len(real_curve[wd, best]) > 1 else " (seed 0 only)"))
-    overfit_lines.append(f"- chosen for the real-only recipe on seed 0's val loss, as for every recipe: wd {real_wd:g}, "
-                         f"{real_e:g} epochs")
-
-    grid_table = evaluate.markdown_table(
-        ["recipe", *[f"{e:g} epochs (val, seed 0)" for e in P["syn_epochs"]], "chosen"],
-        [[r, *[f"{summary(syn_grid[r, e])['val_loss']:.4f}" for e in P["syn_epochs"]], f"{chosen[r][1]:g}"]
-         for r in RECIPES])
-
-    ablation_table = evaluate.markdown_table(
-        ["variant", "real epochs", "seeds", "test loss (mean ± std)"],
-        [[name, f"{summary(specs_[0])['config']['epochs']:g}", len(specs_), pm(test(specs_))]
-         for name, specs_ in ablation_runs.items()])
-
-    law_grids = {n_main: P["real_epochs"], **{n: tuple(grid) for n, grid in law_runs.items()}}
-    law_table = evaluate.markdown_table(
-        ["real documents", "real tokens", "epochs tried", "best (val)", "test loss", "power-law fit"],
-        [[n, f"{tokens(f'real{n}'):,}", ", ".join(f"{e:g}" for e in law_grids[n]),
-          f"{law_epochs[n]:g}" + (" (edge)" if law_epochs[n] in (law_grids[n][0], law_grids[n][-1]) else ""),
-          f"{law_points[n]:.4f}", f"{evaluate.power_law(tokens(f'real{n}'), *law):.4f}"] for n in budgets])
-    law_text = (f"Power-law fit L(D) = {law[0]:.4g} / D^{law[1]:.4g} + {law[2]:.4f} (D = real tokens), "
-                f"{len(budgets)} points for 3 parameters. " +
-                ("**The fit is not identifiable at this scale**: " + "; ".join(problems) + ", so the recipe table gives "
-                 "no data efficiency from it. " if problems else
-                 "Its parameters are inside their search range, but 4-5 points barely determine 3 parameters: read "
-                 "its data efficiency as a second opinion. ") +
-                "The estimator the demo relies on is model-free: data efficiency (interpolated) is the real budget at "
-                "which the measured real-only losses reach the recipe's loss, interpolated linearly in log D between "
-                "the two neighbouring measured budgets (\">\" when the loss is below every measured budget's), "
-                f"divided by the {D:,} tokens the recipes use.")
-
-    buckets = summary(recipe_runs["real"][0]).get("long_loss_by_position", {})
-    position_table = evaluate.markdown_table(
-        ["recipe (seed 0)", *buckets],
-        [[r, *(f"{summary(specs_[0])['long_loss_by_position'][b]:.3f}" for b in buckets)]
-         for r, specs_ in recipe_runs.items()])
-
-    figures = [
-        evaluate.line_figure(f"{out}/real_epochs.png", "Real data only: loss against epochs", "real epochs", {
-            **{f"val, wd {wd:g}": (list(P["real_epochs"]),
-                                   *zip(*[mean_std([x["val_loss"] for x in real_curve[wd, e]]) for e in P["real_epochs"]]))
-               for wd in P["real_wd"]},
-            **{f"train, wd {wd:g}": (list(P["real_epochs"]),
-                                     *zip(*[mean_std([x["train_loss"] for x in real_curve[wd, e]])
-                                            for e in P["real_epochs"]]))
-               for wd in P["real_wd"]}},
-            ylabel="loss (nats)", dashed=[f"train, wd {wd:g}" for wd in P["real_wd"]]),
-        evaluate.bar_figure(f"{out}/recipes.png", "Each recipe at its tuned point (test, mean ± std over seeds)",
-                            list(bars), [m for m, _ in bars.values()], [s for _, s in bars.values()],
-                            ylabel="test loss (nats)"),
-        evaluate.bar_figure(f"{out}/ablations.png", f"Ordering and masks at {P['ablation_epochs']:g} real epochs (test)",
-                            [n.replace(", ", "\n").replace(" mask", "\nmask").replace(" (reference)", "") for n in ablation_runs],
-                            *zip(*[mean_std(test(s_)) for s_ in ablation_runs.values()]), ylabel="test loss (nats)"),
-        evaluate.line_figure(f"{out}/data_law.png", "Real-only loss against real tokens (test)", "real tokens", {
-            "real only, best epochs": (budget_tokens, [law_points[n] for n in budgets], [0] * len(budgets))},
-            ylabel="test loss (nats)", hlines={r: bars[r][0] for r in RECIPES}),
-    ]
-    params = summary(recipe_runs["real"][0])["params"]
-    report = "\n\n".join([
-        f"# nanosynth CPU demo{' (--quick)' if args.quick else ''}",
-        f"Model: {params:,} parameters (configs/cpu_demo.json), vocabulary {TOKENIZER} + BOS padded to "
-        f"{summary(recipe_runs['real'][0])['model_config']['vocab_size']}, context {BLOCK_SIZE}, batch 4. Real budget: "
-        f"{n_main} documents, {D:,} tokens. Held out: val {streams['val']['documents']} documents "
-        f"({tokens('val'):,} tokens; every choice is made on it), test {streams['test']['documents']} documents "
-        f"({tokens('test'):,} tokens; every final number). Synthetic recipes use m = {MIX:g} (a quarter of each "
-        "batch is real), so a real epoch takes 4x the steps of a real-only epoch. Losses are mean next-token "
-        "losses in nats; ± is the standard deviation over seeds; ensembles average the seeds' probabilities.",
-        "## 1. Real data only: loss against epochs", curve_table, "\n".join(overfit_lines),
-        "## 2-4. Recipes, each at its own tuned point", grid_table, recipe_table,
-        "Generation FLOPs: 2 x 8e9 x (prompt + completion tokens) of the synthetic records each recipe uses, as the "
-        "paper's Llama 3.1 8B generator would spend them. Training FLOPs: one run (one seed).",
-        "## 5. Ordering and attention masks", ablation_table,
-        "## 6. The real-only data law", law_table, law_text,
-        "## Loss by position in long documents (second domain, Python docs)", position_table,
-        "Figures: " + (", ".join(os.path.basename(f) for f in figures if f) or "none (matplotlib not installed)"),
-        f"Wall time: {time.time() - t0:.0f} s",
-    ])
+    # ---- results on the test split, tables and figures
+    log("\nevaluating on the test split: ensembles, the attention masks' cross-evaluation")
+    report, figures = results(study, args.quick)
+    report += "\n\nFigures: " + (", ".join(os.path.basename(f) for f in figures if f) or
+                                 "none (matplotlib not installed)")
+    report += f"\n\nWall time: {time.time() - started:.0f} s"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report + "\n")
     print("\n" + report)
+
+
+def estimated_cost(trainer, plan, syn_keys):
+    """The cost (tokens) of each phase if no grid is extended, for the ETA of the earlier phases."""
+    def cost(runs):
+        return sum(trainer.cost(r) for r in runs)
+    seeds, middle = plan.seeds, statistics.median(plan.syn_epochs)
+    final = (len(ORDERINGS) - 2 + len(CDA_POINTS)) * len(seeds) if plan.ablations else 0
+    final += (len(ENSEMBLED) - 1) * (plan.members - len(seeds)) + plan.members if plan.members else 0
+    return {
+        "real": cost(real_run(e, wd, s) for wd in plan.real_wd for e in plan.real_epochs for s in seeds),
+        "synthetic": cost(synthetic_run(r, G, e, plan.syn_wd, s) for r, G in syn_keys for e in plan.syn_epochs
+                          for s in seeds),
+        "final": final * cost([synthetic_run("shuffled", 1, middle, plan.syn_wd, 0)]),
+        "law": cost(real_run(e, plan.real_wd[0], s, n) for n, grid in plan.law.items() for e in grid for s in seeds),
+    }
+
+
+def results(study, quick):
+    """Every table of results.md, from the summaries (test split) and a few evaluations."""
+    out, plan, trainer, packed, generator_tokens = study.out, study.plan, study.trainer, study.packed, study.generated
+    real_grid, real_point, syn_grids, syn_chosen = study.real_grid, study.real_point, study.syn_grids, study.syn_chosen
+    ordering, cda, controlled, law_grid, law_chosen = (study.ordering, study.cda, study.controlled, study.law_grid,
+                                                       study.law_chosen)
+    losses_of = trainer.metric   # losses_of(runs, key='test_loss'): one value per seed
+    seeds = plan.seeds
+    D = trainer.tokens[f"real{BUDGET}"]
+    data = os.path.join(out, "data")
+    real_runs = real_grid[real_point]
+    real_test = losses_of(real_runs)
+    tuned = {key: syn_grids[key][e] for key, e in syn_chosen.items()}
+    law = DataLaw(trainer.tokens, {n: losses_of(grid[law_chosen[n]]) for n, grid in law_grid.items()})
+    Gs = {name: sorted(G for r, G in tuned if r == name) for name in RECIPES}
+    Gs = {name: g for name, g in Gs.items() if g}
+    sections = []
+
+    # -- the setting, formatted from the constants
+    first = trainer.summaries[real_runs[0]]
+    n_syn = round(MIX * BATCH)
+    sections.append(
+        f"# nanosynth CPU study{' (--quick)' if quick else ''}\n\n"
+        f"Model: {first['params']:,} parameters ({os.path.relpath(CONFIG, HERE)}), vocabulary {TOKENIZER} + BOS padded "
+        f"to {first['model_config']['vocab_size']}, context {BLOCK_SIZE}, batch {BATCH} x {BLOCK_SIZE} tokens, lr "
+        f"{TRAIN_CONFIG['lr']:g} with {TRAIN_CONFIG['warmup_frac']:.0%} warmup, cosine. Real budget: {BUDGET} documents, "
+        f"{D:,} tokens ({packed[f'real{BUDGET}']['tokens'] // BLOCK_SIZE} windows). Held out: val "
+        f"{packed['val']['documents']} documents ({trainer.tokens['val']:,} tokens; every choice), test "
+        f"{packed['test']['documents']} documents ({trainer.tokens['test']:,} tokens; every reported number). "
+        f"Synthetic recipes mix m = {MIX:g}: {n_syn} of the {BATCH} sequences of every step are synthetic, so a real "
+        f"epoch takes {1 / (1 - MIX):g}x the steps of a real-only epoch. Seeds {', '.join(map(str, seeds))} (init = "
+        f"data seed) for every point, so runs are paired by seed across recipes and G. Losses are mean next-token "
+        f"losses in nats on the test split, mean ± standard deviation over seeds; a difference is given with its 95% t "
+        f"interval (paired by seed) and called resolved only when the interval excludes zero.")
+
+    # -- 1. loss against G
+    rows, by_recipe = [], {}
+    rows.append(["real only", "-", ", ".join(f"{e:g}" for e in plan.real_epochs) + " (wd " +
+                 ", ".join(f"{wd:g}" for wd in plan.real_wd) + ")", f"{real_point[1]:g} (wd {real_point[0]:g})",
+                 first["steps"], 0, "0", fmt(real_test), "", *efficiency_text(law.efficiency(real_test, D)),
+                 f"{evaluate.ensemble_loss([trainer.ckpt(r) for r in real_runs], f'{data}/test'):.4f}" if len(seeds) > 1 else ""])
+    for (name, G), runs in tuned.items():
+        stream = packed[stream_name(RECIPES[name], G)]
+        syn_tokens = stream["per_kind"].get(RECIPES[name].kind, {}).get("tokens", 0) if name != "latent" else \
+            stream["tokens"] - D
+        losses = losses_of(runs)
+        estimate = law.efficiency(losses, D)
+        by_recipe.setdefault(name, {})[G] = losses
+        largest = G == Gs[name][-1]
+        ensemble = f"{evaluate.ensemble_loss([trainer.ckpt(r) for r in runs], f'{data}/test'):.4f}" \
+            if largest and len(seeds) > 1 else ""
+        rows.append([name, G, ", ".join(f"{e:g}" for e in sorted(syn_grids[name, G])),
+                     f"{syn_chosen[name, G]:g}{on_edge(syn_grids[name, G], syn_chosen[name, G])}",
+                     trainer.summaries[runs[0]]["steps"], f"{syn_tokens:,}",
+                     f"{evaluate.generation_flops(generator_tokens[stream_name(RECIPES[name], G)], GENERATOR_PARAMS):.2e}",
+                     fmt(losses), interval(evaluate.paired_difference(losses, real_test)), *efficiency_text(estimate),
+                     ensemble])
+    sections.append("## 1. Loss against G, each (recipe, G) at its own tuned real epochs\n\n" + evaluate.markdown_table(
+        ["recipe", "G", "epochs tried", "chosen", "steps", "synthetic tokens", "generation FLOPs", "test loss",
+         "vs real only (95% CI)", "data efficiency (interpolated) [range]", "data efficiency (fit) [range]",
+         f"ensemble of {len(seeds)} seeds" if len(seeds) > 1 else "ensemble (needs seeds)"], rows) +
+        f"\n\nSynthetic tokens: tokens of the stream's synthetic documents (thoughts: the stream minus the real "
+        f"documents); generation FLOPs: 2 x {GENERATOR_PARAMS:.0e} x the prompt and completion tokens of the records "
+        f"used, as the paper's 8B generator would spend them. Data efficiency: the real budget the real-only law "
+        f"needs for the recipe's mean test loss, over the {D:,} tokens used (\">\" beyond the largest budget "
+        "measured); " + (f"[range]: 2.5-97.5% of the same estimate over the {len(seeds) ** len(seeds)} resamples of "
+                         f"the seeds (recipe and law resampled together; with {len(seeds)} seeds a coarse range, not "
+                         "an exact 95% interval). " if len(seeds) > 1 else "no range with one seed. ") +
+        "Ensembles average the seeds' probabilities (largest G of each recipe).")
+
+    # -- 2. the trend in log2 G and the sorted - shuffled gap
+    lines = []
+    for name, losses_by_G in by_recipe.items():
+        G_values = sorted(losses_by_G)
+        if len(G_values) > 1:
+            slope = evaluate.slope_interval([math.log2(G) for G in G_values],
+                                            [[losses_by_G[G][s] for G in G_values] for s in range(len(seeds))])
+            lines.append(f"- {name}: slope of test loss per doubling of G (G = {', '.join(map(str, G_values))}): "
+                         f"{interval(slope)}")
+    gap_rows, gaps = [], {}
+    common_Gs = sorted(set(by_recipe.get("shuffled", {})) & set(by_recipe.get("sorted", {})))
+    for G in common_Gs:
+        iid = evaluate.paired_difference(by_recipe["sorted"][G], by_recipe["shuffled"][G])
+        long_ = evaluate.paired_difference(losses_of(tuned["sorted", G], "long_loss"), losses_of(tuned["shuffled", G], "long_loss"))
+        gaps[G] = (iid, long_)
+        gap_rows.append([G, interval(iid), interval(long_)])
+    if len(common_Gs) > 1:
+        for label, key in (("test", "test_loss"), ("long documents", "long_loss")):
+            widening = evaluate.slope_interval(
+                [math.log2(G) for G in common_Gs],
+                [[losses_of(tuned["sorted", G], key)[s] - losses_of(tuned["shuffled", G], key)[s] for G in common_Gs]
+                 for s in range(len(seeds))])
+            lines.append(f"- sorted minus shuffled ({label}): change of the gap per doubling of G: {interval(widening)}"
+                         " (negative: the gap widens in sorted's favour)")
+    sections.append("## 2. The trend in G, and sorted minus shuffled\n\n" + "\n".join(lines) + "\n\n" +
+                    evaluate.markdown_table(["G", "sorted - shuffled, test (95% CI)",
+                                             "sorted - shuffled, long documents (95% CI)"], gap_rows))
+
+    # -- 3. best epochs against G, and the real-only overfitting curve
+    all_epochs = sorted({e for grid in syn_grids.values() for e in grid})
+    epoch_rows = [[name, G, *[f"{trainer.mean_val(grid[e]):.4f}" if e in grid else "" for e in all_epochs],
+                   f"{syn_chosen[name, G]:g}{on_edge(grid, syn_chosen[name, G])}"] for (name, G), grid in syn_grids.items()]
+    curve_rows = [[f"{wd:g}", f"{e:g}", trainer.summaries[runs[0]]["steps"], fmt(losses_of(runs, "train_loss")),
+                   fmt(losses_of(runs, "val_loss")), fmt(losses_of(runs))] for (wd, e), runs in real_grid.items()]
+    sections.append(
+        f"## 3. Tuning: best real epochs against G (mean val loss over {len(seeds)} seeds), and real data only "
+        "against epochs\n\n" +
+        evaluate.markdown_table(["recipe", "G", *[f"{e:g} epochs" for e in all_epochs], "chosen"], epoch_rows) +
+        "\n\n" + evaluate.markdown_table(["wd", "real epochs", "steps", "train loss", "val loss", "test loss"],
+                                         curve_rows) +
+        f"\n\nChosen for real only on the mean val loss: {real_point[1]:g} epochs, wd {real_point[0]:g}.")
+
+    # -- 4. controlled epochs: sorted and latent at shuffled's tuned epochs
+    control_rows = []
+    for (name, G), (nearest, e, runs) in controlled.items():
+        losses, reference = losses_of(runs), by_recipe["shuffled"][nearest]
+        control_rows.append([name, G, f"{syn_chosen[name, G]:g}", fmt(by_recipe[name][G]), f"{e:g} (shuffled G={nearest})",
+                             fmt(losses), interval(evaluate.paired_difference(losses, reference))])
+    sections.append("## 4. Sorted and latent at shuffled's tuned epochs (is the gain retuning?)\n\n" +
+                    evaluate.markdown_table(["recipe", "G", "own epochs", "test loss", "shuffled's epochs",
+                                             "test loss there", "minus shuffled (95% CI)"], control_rows))
+
+    # -- 5. ordering and 6. attention across documents
+    figures_extra = {}
+    if ordering:
+        reference = losses_of(ordering["sorted, real last"])
+        rows = [[name, fmt(losses_of(runs)), "" if name == "sorted, real last" else
+                 interval(evaluate.paired_difference(losses_of(runs), reference))] for name, runs in ordering.items()]
+        e = syn_chosen["sorted", ORDERING_G]
+        sections.append(f"## 5. Ordering at G = {ORDERING_G} (every variant at sorted's tuned {e:g} real epochs)\n\n" +
+                        evaluate.markdown_table(["variant", "test loss", "minus sorted, real last (95% CI)"], rows))
+        figures_extra["ordering"] = {name: losses_of(runs) for name, runs in ordering.items()}
+    if cda:
+        cross, rows = {}, []
+        for (recipe, G, train_mask), runs in cda.items():
+            for eval_mask in MASKS:
+                cross[recipe, G, train_mask, eval_mask] = [
+                    evaluate.ensemble_loss([trainer.ckpt(r)], f"{data}/test", mask=eval_mask) for r in runs]
+        for recipe, G in CDA_POINTS:
+            label = recipe + (f" G={G}" if G else "")
+            for train_mask in MASKS:
+                rows.append([label, train_mask, *[fmt(cross[recipe, G, train_mask, m]) for m in MASKS]])
+            for m in MASKS:
+                rows.append([label, f"training effect at eval {m}", "", interval(evaluate.paired_difference(
+                    cross[recipe, G, "document", m], cross[recipe, G, "causal", m]))])
+            for t in MASKS:
+                rows.append([label, f"evaluation effect, trained {t}", "", interval(evaluate.paired_difference(
+                    cross[recipe, G, t, "document"], cross[recipe, G, t, "causal"]))])
+        sections.append("## 6. Attention across documents: training mask x evaluation mask (test)\n\n" +
+                        evaluate.markdown_table(["recipe", "trained with", *[f"evaluated {m}" for m in MASKS]],
+                                                [r if len(r) == 4 else r + [""] for r in rows]) +
+                        "\n\nEffects are document minus causal, paired by seed (training) or by model (evaluation). "
+                        "Evaluated with the document mask, a test document never sees the unrelated documents "
+                        "before it in its window; with the causal mask it does.")
+        figures_extra["cda"] = cross
+
+    # -- 7. the second domain
+    rows = [["real only", "-", fmt(losses_of(real_runs, "long_loss"))]]
+    rows += [[name, G, fmt(losses_of(runs, "long_loss"))] for (name, G), runs in tuned.items()]
+    points = {"real only": real_runs, **{f"{n} G={G}": tuned[n, G] for n in Gs for G in Gs[n][-1:]}}
+    buckets = list(trainer.summaries[real_runs[0]]["long_loss_by_position"])
+    position_rows = [[label, *[f"{statistics.mean(trainer.summaries[r]['long_loss_by_position'][b] for r in runs):.3f}"
+                               for b in buckets]] for label, runs in points.items()]
+    sections.append(f"## 7. The second domain: {LONG_DOCS} long Python-documentation pages\n\n" +
+                    evaluate.markdown_table(["recipe", "G", "long-document loss"], rows) + "\n\n" +
+                    "Loss by position (first window of each document, mean over seeds):\n\n" +
+                    evaluate.markdown_table(["recipe", *buckets], position_rows))
+
+    # -- 8. the data law
+    rows = [[n, f"{trainer.tokens[f'real{n}']:,}", ", ".join(f"{e:g}" for e in sorted(grid)),
+             f"{law_chosen[n]:g}{on_edge(grid, law_chosen[n])}", fmt(losses_of(grid[law_chosen[n]])),
+             f"{evaluate.power_law(trainer.tokens[f'real{n}'], *law.fit):.4f}"] for n, grid in sorted(law_grid.items())]
+    A, B, C = law.fit
+    sections.append(
+        "## 8. The real-only data law (budgets nested: each a random superset of the smaller)\n\n" +
+        evaluate.markdown_table(["real documents", "real tokens", "epochs tried", "chosen (val)", "test loss",
+                                 "power-law fit"], rows) +
+        f"\n\nFit of the mean test losses: L(D) = {A:.4g} / D^{B:.4g} + {C:.4f}, {len(rows)} points for 3 "
+        "parameters" + (": **not identifiable** (" + "; ".join(law.problems) + "), so no data efficiency comes from it."
+                        if law.problems else "."))
+
+    # -- 9. self-distillation, and ensembles over K
+    if study.self_distill:
+        c = study.self_distill
+        teacher_runs = real_runs[:1]
+        rows = [[G, fmt(losses_of(syn_grids["self-distill", G][syn_chosen["self-distill", G]])),
+                 fmt(by_recipe["shuffled"][G]) if G in by_recipe.get("shuffled", {}) else "",
+                 interval(evaluate.paired_difference(by_recipe["self-distill"][G], by_recipe["shuffled"][G]))
+                 if G in by_recipe.get("shuffled", {}) else ""] for G in Gs.get("self-distill", [])]
+        sections.append(
+            "## 9. Self-distillation, and ensembles over K\n\n"
+            f"Teacher: the tuned real-only model (seed 0, test loss {losses_of(teacher_runs)[0]:.4f}), served by "
+            f"serve.py on 127.0.0.1 and sampled over HTTP by generate.py --kind self-distill: {c['records']} samples "
+            f"({max(Gs['self-distill'])} per budget document) at temperature 1, each from the document's first "
+            f"{SELF_DISTILL_PREFIX} tokens, at most {SELF_DISTILL_TOKENS} new tokens ({c['truncated']} reached it and "
+            f"are kept as they are): {c['completion_tokens']:,} tokens sampled in {c['seconds']:.0f} s. The student "
+            "mixes them with the real documents as shuffled does with rephrases.\n\n" +
+            evaluate.markdown_table(["G", "self-distill, test loss", "shuffled rephrases, test loss",
+                                     "self-distill minus shuffled (95% CI)"], rows))
+    if study.members:
+        test_file = formats.TokenFile(f"{data}/test")
+        log_probs = {label: [evaluate.target_log_probs(load_model(trainer.ckpt(r))[0], test_file, r.mask)
+                             for r in runs] for label, runs in study.members.items()}
+        ensembles = {label: ensemble_asymptote(lp) for label, lp in log_probs.items()}
+        K = range(1, plan.members + 1)
+        rows = []
+        for label, (curve, fit, problems, (low, high), kept) in ensembles.items():
+            r = study.members[label][0]
+            point = f"{r.recipe}{f' G={r.G}' if r.G else ''}, {r.epochs:g} epochs, wd {r.weight_decay:g}"
+            rows.append([label, point, *[f"{v:.4f}" for v in curve], f"{fit[0]:.3g} / K^{fit[1]:.3g} + {fit[2]:.4f}",
+                         f"{fit[2]:.4f} [{low:.4f}, {high:.4f}]" + (f" ({kept} of {ENSEMBLE_RESAMPLES} resamples)"
+                                                                      if kept < ENSEMBLE_RESAMPLES else ""),
+                         "; ".join(problems) or "-"])
+        sections.append(
+            ("" if study.self_distill else "## 9. Ensembles over K\n\n") +
+            f"Ensembles of K members (seeds 0 .. {plan.members - 1} at one tuned point; probabilities averaged), "
+            f"test loss of the average over every subset of K members, and the fit L(K) = A / K^B + C with its "
+            f"asymptote C; [range]: 2.5-97.5% of C over {ENSEMBLE_RESAMPLES} resamples of the {plan.members} members "
+            "(with replacement; resamples whose fit is not identifiable are left out and counted). 'rephrases' is the "
+            "better of shuffled and sorted (mean val loss) at its largest G.\n\n" +
+            evaluate.markdown_table(["members", "tuned point", *[f"K={k}" for k in K], "fit", "asymptote C [range]",
+                                     "fit problems"], rows))
+        figures_extra["ensembles"] = ensembles
+
+    figures = draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen, by_recipe, gaps, law,
+                           D, figures_extra, Gs)
+    return "\n\n".join(sections), figures
+
+
+ENSEMBLE_RESAMPLES = 100
+
+
+def ensemble_asymptote(member_log_probs):
+    """The ensemble curve over K (evaluate.ensemble_curve), its fit A / K^B + C and the fit's
+    problems, and a range for the asymptote C: its 2.5-97.5% over ENSEMBLE_RESAMPLES resamples of the
+    members with replacement (a fixed generator: the same range on every run), with the number of
+    resamples whose fit was identifiable."""
+    n, K = len(member_log_probs), list(range(1, len(member_log_probs) + 1))
+    curve = evaluate.ensemble_curve(member_log_probs)
+    problems = []
+    fit = evaluate.fit_power_law(K, curve, warn=problems.append)
+    rng, asymptotes = np.random.default_rng(0), []
+    for _ in range(ENSEMBLE_RESAMPLES):
+        resample_problems = []
+        resampled = evaluate.fit_power_law(K, evaluate.ensemble_curve([member_log_probs[i] for i in rng.integers(0, n, n)]),
+                                           warn=resample_problems.append)
+        if not resample_problems:
+            asymptotes.append(resampled[2])
+    low, high = np.quantile(asymptotes, [0.025, 0.975]) if asymptotes else (math.nan, math.nan)
+    return curve, fit, problems, (float(low), float(high)), len(asymptotes)
+
+
+def colors_of(labels):
+    """Each recipe in the blog's colour, whatever follows its name in the label."""
+    return {label: COLORS[label.split()[0]] for label in labels if label.split()[0] in COLORS}
+
+
+def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen, by_recipe, gaps, law, D, extra, Gs):
+    """The blog's figures, drawn from this study's runs (None for each one without matplotlib)."""
+    def line_figure(path, title, xlabel, series, **options):
+        return evaluate.line_figure(path, title, xlabel, series, colors=colors_of(series), **options)
+    half = half_width
+    real_mean = statistics.mean(real_test)
+    figures = [line_figure(
+        f"{out}/loss_vs_G.png", "Test loss against generations per document (95% CI over seeds)",
+        "generations per document G", {name: (list(by_G), [statistics.mean(v) for v in by_G.values()],
+                                              [half(v) for v in by_G.values()]) for name, by_G in by_recipe.items()},
+        ylabel="test loss (nats)", hlines={f"real only, tuned: {real_mean:.3f}": real_mean})]
+    if gaps:
+        figures.append(line_figure(
+            f"{out}/sorted_minus_shuffled.png", "Sorted minus shuffled, paired by seed (95% CI)",
+            "generations per document G", {
+                "test (i.i.d.)": (list(gaps), [g[0][0] for g in gaps.values()], [g[0][1] for g in gaps.values()]),
+                "long documents": (list(gaps), [g[1][0] for g in gaps.values()], [g[1][1] for g in gaps.values()])},
+            ylabel="loss difference (nats)", hlines={"no difference": 0.0}))
+    series = {}
+    for name, by_G in by_recipe.items():
+        xs, ys, spreads = [], [], []
+        for G, losses in by_G.items():
+            (k, _, (lo, hi)), _ = law.efficiency(losses, D)
+            xs.append(G)
+            ys.append(k)
+            spreads.append((k - lo, hi - k) if lo == lo else (0.0, 0.0))
+        series[name] = (xs, ys, spreads)
+    figures.append(line_figure(f"{out}/efficiency_vs_G.png", "Data efficiency against G (interpolated law)",
+                                        "generations per document G", series, ylabel="data efficiency (x real data)",
+                                        hlines={"real only": 1.0}))
+    top = {name: Gs[name][-1] for name in Gs}
+    figures.append(line_figure(
+        f"{out}/loss_vs_epochs.png", "Val loss against real epochs at the largest G (dots: seeds)", "real epochs",
+        {f"{name} G={G}": (sorted(syn_grids[name, G]), [trainer.mean_val(syn_grids[name, G][e])
+                                                         for e in sorted(syn_grids[name, G])], None)
+         for name, G in top.items()},
+        points={f"{name} G={G}": ([e for e in sorted(syn_grids[name, G]) for _ in plan.seeds],
+                                  [v for e in sorted(syn_grids[name, G])
+                                   for v in trainer.metric(syn_grids[name, G][e], "val_loss")])
+                for name, G in top.items()},
+        ylabel="val loss (nats)", hlines={"real only, tuned (val)": trainer.mean_val(real_grid[min(
+            real_grid, key=lambda k: trainer.mean_val(real_grid[k]))])}))
+    figures.append(line_figure(
+        f"{out}/best_epochs_vs_G.png", "Tuned real epochs against G", "generations per document G",
+        {name: (Gs[name], [syn_chosen[name, G] for G in Gs[name]], None) for name in Gs}, ylabel="real epochs"))
+    figures.append(line_figure(
+        f"{out}/real_epochs.png", "Real data only: loss against epochs", "real epochs",
+        {f"{split}, wd {wd:g}": (list(plan.real_epochs),
+                                 [statistics.mean(trainer.metric(real_grid[wd, e], key)) for e in plan.real_epochs],
+                                 [half(trainer.metric(real_grid[wd, e], key)) for e in plan.real_epochs])
+         for wd in plan.real_wd for split, key in (("val", "val_loss"), ("train", "train_loss"))},
+        ylabel="loss (nats)", dashed=[f"train, wd {wd:g}" for wd in plan.real_wd]))
+    if "ordering" in extra:
+        o = extra["ordering"]
+        figures.append(evaluate.bar_figure(f"{out}/ordering.png", f"Ordering at G = {ORDERING_G} (test, 95% CI)",
+                                           list(o), [statistics.mean(v) for v in o.values()],
+                                           [half(v) for v in o.values()], ylabel="test loss (nats)"))
+    if "cda" in extra:
+        c = extra["cda"]
+        labels = [f"{r}{f' G={G}' if G else ''}\ntrain {t}, eval {e}" for (r, G, t, e) in c]
+        figures.append(evaluate.bar_figure(f"{out}/attention_masks.png", "Training x evaluation mask (test, 95% CI)",
+                                           labels, [statistics.mean(v) for v in c.values()],
+                                           [half(v) for v in c.values()], ylabel="test loss (nats)"))
+    figures.append(line_figure(
+        f"{out}/long_vs_G.png", "Second domain (Python docs) against G", "generations per document G",
+        {name: (Gs[name], [statistics.mean(trainer.metric(syn_grids[name, G][syn_chosen[name, G]], "long_loss"))
+                           for G in Gs[name]],
+                [half(trainer.metric(syn_grids[name, G][syn_chosen[name, G]], "long_loss")) for G in Gs[name]])
+         for name in Gs}, ylabel="long-document loss (nats)"))
+    figures.append(line_figure(
+        f"{out}/data_law.png", "Real-only loss against real tokens (test, each budget tuned)", "real tokens",
+        {"real only": (law.tokens, [statistics.mean(l) for l in law.losses], [half(l) for l in law.losses])},
+        ylabel="test loss (nats)", hlines={f"{name} G={G}": statistics.mean(by_recipe[name][G]) for name, G in top.items()}))
+    if "ensembles" in extra:
+        series = {}
+        for label, (curve, fit, _, _, _) in extra["ensembles"].items():
+            K = list(range(1, len(curve) + 1))
+            series[label] = (K, curve, None)
+            series[f"{label}: fit, C = {fit[2]:.3f}"] = (K, list(evaluate.power_law(K, *fit)), None)
+        figures.append(evaluate.line_figure(
+            f"{out}/ensembles.png", "Ensembles of K members (test): loss and fit A / K^B + C", "members K", series,
+            ylabel="test loss (nats)", logx=False, dashed=[label for label in series if ": fit" in label],
+            colors={label: COLORS.get(label.split()[0].rstrip(":"), "gray") for label in series}))
+    return figures
 
 
 if __name__ == "__main__":

@@ -154,6 +154,19 @@ def ensemble_losses(ckpt_paths, prefix, mask=None, batch_size=16, device="cpu"):
     return losses
 
 
+def ensemble_curve(member_log_probs):
+    """The expected loss of an ensemble of K members for K = 1 .. N: for each K, the mean over every
+    subset of K of the N members of the loss of their probability average. member_log_probs: N
+    tensors of target log-probabilities over the same tokens (target_log_probs)."""
+    stacked = torch.stack(list(member_log_probs))
+    curve = []
+    for k in range(1, len(stacked) + 1):
+        losses = [-(torch.logsumexp(stacked[list(subset)], 0) - math.log(k)).mean().item()
+                  for subset in itertools.combinations(range(len(stacked)), k)]
+        curve.append(sum(losses) / len(losses))
+    return curve
+
+
 def ensemble_loss(ckpt_paths, prefix, mask=None, batch_size=16, device="cpu"):
     """Mean loss (nats) of the average of the members' probabilities on every held-out token."""
     return ensemble_losses(ckpt_paths, prefix, mask, batch_size, device)[-1]
@@ -432,19 +445,21 @@ def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation lo
 
 
 def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nats)", logx=True, hlines=None,
-                dashed=(), points=None):
+                dashed=(), points=None, colors=None):
     """series: {label: (xs, ys, spreads)}, spreads as half widths or (below, above) pairs, or None;
     hlines: {label: y} drawn as horizontal lines; series named in `dashed` are drawn dashed;
-    points: {label: (xs, ys)} drawn as faint dots (single seeds behind their mean). Returns the
-    path, or None without matplotlib."""
+    points: {label: (xs, ys)} drawn as faint dots (single seeds behind their mean), in the colour of
+    the series of the same label; colors: {label: colour}. Returns the path, or None without
+    matplotlib."""
     plt = pyplot_or_note(path)
     if plt is None:
         return None
+    colors = {label: (colors or {}).get(label, f"C{i}") for i, label in enumerate(series)}
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, (label, (xs, ys)) in enumerate((points or {}).items()):
-        ax.scatter(xs, ys, color=f"C{i}", alpha=0.25, s=18)
+    for label, (xs, ys) in (points or {}).items():
+        ax.scatter(xs, ys, color=colors.get(label, "gray"), alpha=0.25, s=18)
     for label, (xs, ys, spreads) in series.items():
-        ax.errorbar(xs, ys, yerr=error_bars(spreads), marker="o", capsize=3, label=label,
+        ax.errorbar(xs, ys, yerr=error_bars(spreads), marker="o", capsize=3, label=label, color=colors[label],
                     linestyle="--" if label in dashed else "-")
     for i, (label, y) in enumerate((hlines or {}).items()):
         ax.axhline(y, color=f"C{len(series) + i}", linestyle=":", label=label)
