@@ -1,5 +1,6 @@
-"""evaluate.py and sweep.py: fits, data efficiency, ensembles, one-line errors; a tiny pack -> train
--> sweep -> evaluate pipeline."""
+"""evaluate.py and sweep.py: fits, data efficiency, ensembles, statistics over seeds, one-line errors;
+a sweep passes on exactly what it does not sweep; a tiny pack -> train -> sweep -> evaluate pipeline."""
+import glob
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import pytest
 
 import evaluate
 import pack
+from support import assert_error
 import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,20 +77,20 @@ def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
     sweep.main(argv)
     table = open(f"{d}/sweep/sweep.md").read()
     assert "best: " in table and "mix = " in table   # a 2-point grid: the best is on its edge
-    summaries = {m: json.load(open(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=m, weight_decay=0.1, lr=3e-3))}/summary.json"))
+    summaries = {m: json.load(open(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=m))}/summary.json"))
                  for m in (0, 0.5)}
     windows = summaries[0]["real_windows"]
     assert (summaries[0]["steps"], summaries[0.5]["steps"]) == (windows // 4, windows // 2)  # 4 vs 2 real per batch
     assert summaries[0.5]["synthetic_sequences_seen"] == summaries[0.5]["real_sequences_seen"]
-    mtime = os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/summary.json")
+    mtime = os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0))}/summary.json")
     sweep.main(argv)                                                      # finished runs are skipped
-    assert os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/summary.json") == mtime
+    assert os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0))}/summary.json") == mtime
 
     # an ensemble of K copies of one model is that model
-    run = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0.5, weight_decay=0.1, lr=3e-3))}"
+    run = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0.5))}"
     single = summaries[0.5]["val_loss"]
     assert evaluate.ensemble_loss([f"{run}/ckpt.pt"] * 3, f"{d}/val") == pytest.approx(single, abs=1e-6)
-    other = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/ckpt.pt"
+    other = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0))}/ckpt.pt"
     pair = evaluate.ensemble_loss([f"{run}/ckpt.pt", other], f"{d}/val")
     assert pair < (single + summaries[0]["val_loss"]) / 2      # mixing probabilities beats the mean loss (Jensen)
     # one pass per member and a running log-sum-exp of the targets' log-probabilities give what
@@ -136,16 +138,19 @@ def run_script(script, *args):
 def test_evaluate_cli_one_line_errors(tiny_run, tmp_path):
     d = tiny_run
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
-    for args, message in [
-            (["ensemble", "--val", d / "val", tmp_path / "missing.pt"], "missing.pt: no such checkpoint"),
-            (["ensemble", "--val", d / "val", tmp_path / "garbage.pt"], "garbage.pt: not a nanosynth checkpoint"),
-            (["ensemble", "--val", d / "val_gpt2", d / "run" / "ckpt.pt"], "has a vocabulary of 50257 ids, more than"),
-            (["ensemble", "--val", d / "nowhere", d / "run" / "ckpt.pt"], "no such token file"),
-            (["fit", "1", "2", "--loss", "3.0", "2.9"], "needs at least 3 points, got 2"),
-            (["fit", "1", "2", "3", "--loss", "3.0", "2.9"], "3 x values but 2 --loss values")]:
+    for args, named in [
+            (["ensemble", "--val", d / "val", tmp_path / "missing.pt"], [tmp_path / "missing.pt"]),
+            (["ensemble", "--val", d / "val", d / "run"], [f"{d / 'run'}: is a directory"]),
+            (["ensemble", "--val", d / "val", tmp_path / "garbage.pt"], [tmp_path / "garbage.pt"]),
+            (["ensemble", "--val", d / "val_gpt2", d / "run" / "ckpt.pt"], [d / "val_gpt2.bin", d / "run" / "ckpt.pt"]),
+            (["ensemble", "--val", d / "nowhere", d / "run" / "ckpt.pt"], [d / "nowhere.bin"]),
+            (["ensemble", "--val", d / "val", "--device", "tpu9", d / "run" / "ckpt.pt"], ["--device 'tpu9'"]),
+            (["fit", "1", "2", "--loss", "3.0", "2.9"], ["3 points", "2"]),
+            (["fit", "1", "2", "3", "--loss", "3.0", "2.9"], ["--loss"]),
+            (["fit", "1", "2", "3"], ["--loss"])]:
         code, out, err = run_script("evaluate.py", *args)
-        assert code != 0 and "Traceback" not in err and err.strip().splitlines() == [f"error: {err.strip()[7:]}"]
-        assert message in err, (args, err)
+        assert_error(code, err, *named)
+        assert "weights_only" not in err
     code, out, err = run_script("evaluate.py", "ensemble", "--val", d / "val", d / "run" / "ckpt.pt")
     assert code == 0 and out.startswith("K = 1: ensemble loss ")
     assert float(out.split()[-1]) == pytest.approx(json.load(open(d / "run" / "summary.json"))["val_loss"], abs=1e-4)
@@ -174,14 +179,34 @@ def test_interpolated_budget():
     assert evaluate.interpolated_budget(4.3, [10, 20, 40, 80], [5.0, 4.4, 4.3, 4.9]) == (pytest.approx(40), "=")
 
 
-def test_sweep_reports_a_failed_run_and_bad_jobs(tiny_run, tmp_path):
+def test_sweep_reports_a_failed_run_and_bad_flags(tiny_run, tmp_path):
     d = tiny_run
-    code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", "--jobs", "0", "--", *TINY)
-    assert code != 0 and "--jobs must be >= 1" in err and "Traceback" not in err
+    for flags, named in ((["--jobs", "0"], ["--jobs"]), ([], ["--epochs", "--mix"]), (["--lr", "0.001"], ["--lr"])):
+        code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", *flags, "--", *TINY, "--lr", "0.002")
+        assert_error(code, err, *named)
     code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", "--epochs", "-1", "--", *TINY,
                                 "--real", d / "real", "--val", d / "val")
-    assert code != 0 and "Traceback" not in err
-    assert "train.py failed for" in err and "epochs must be a number > 0, got -1.0" in err   # the run's own log line
+    run = tmp_path / "s" / "epochs-1"
+    assert_error(code, err, run, alone=False)   # train.py's own error (exit 2), its log's last lines above
+    assert "epochs must be a number > 0, got -1.0" in err
+
+
+def test_sweep_passes_on_what_it_does_not_sweep(tiny_run, tmp_path):
+    """Only the axes given before -- are set by the sweep: lr from the --config file, mix, the synthetic
+    stream and weight decay from the arguments after --, each as given."""
+    d = tiny_run
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"lr": 0.002}))
+    sweep.main(["--out_dir", str(tmp_path / "s"), "--epochs", "1", "2", "--", *TINY, "--config", str(config),
+                "--real", str(d / "real"), "--val", str(d / "val"), "--mix", "0.5", "--synthetic", str(d / "real"),
+                "--weight_decay", "0.3"])
+    configs = [json.load(open(path))["config"] for path in sorted(glob.glob(str(tmp_path / "s" / "*" / "summary.json")))]
+    assert [(c["epochs"], c["lr"], c["mix"], c["synthetic"], c["weight_decay"]) for c in configs] == \
+        [(e, 0.002, 0.5, str(d / "real"), 0.3) for e in (1.0, 2.0)]
+    assert sorted(os.listdir(tmp_path / "s")) == ["epochs1", "epochs2", "sweep.md"]
+    report = open(tmp_path / "s" / "sweep.md").read()
+    assert "\n| 2      | 0.5 | 0.3          | 0.002 |" in report
+    assert f"code: {json.load(open(tmp_path / 's' / 'epochs1' / 'summary.json'))['code']['commit']}" in report
 
 
 def test_run_all_progress_and_resume(tiny_run, tmp_path):
