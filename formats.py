@@ -100,6 +100,12 @@ def require(obj, field, types, where):
     return value
 
 
+# What generate.py stores in each record about how it was made (generate.generation_settings): a
+# resume into a file must use the same, and pack.py says when the records it packs differ in them.
+GENERATION_SETTINGS = ("model", "prompt", "prompt_sha256", "temperature", "api", "max_new_tokens", "seed",
+                       "max_source_tokens", "tokenizer")   # (self-distill's prefix length is in its prompt name)
+
+
 # Latent thoughts record where they cut the document: "cut_char" (a character offset) and
 # "cut_rule". Under the nested rule (generate.latent_cuts) thought `index` sits at cut rank
 # `index` of one fixed order of positions, so --G k means ranks 0 .. k-1 for any k. Files from

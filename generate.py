@@ -218,7 +218,8 @@ def request_seed(seed, source_id, kind, index, attempt=0):
 
 def generation_settings(args, prompt, api):
     """Everything that shapes a generation besides its document and index, as stored in each of
-    its records: a resume must use the same (scan_output refuses another)."""
+    its records (fields of formats.GENERATION_SETTINGS): a resume must use the same (scan_output
+    refuses another), and pack.py warns when the records it packs differ in them."""
     settings = {"model": args.model, "temperature": float(args.temperature), "api": api,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "tokenizer": args.tokenizer}
     if prompt is None:   # self-distill: a real prefix, no template

@@ -51,7 +51,8 @@ from collections import Counter
 import numpy as np
 
 import cli
-from formats import DataError, KINDS, TokenWriter, file_paths, read_jsonl, require, require_nested_cuts, token_dtype
+from formats import (DataError, GENERATION_SETTINGS, KINDS, TokenWriter, file_paths, read_jsonl, require,
+                     require_nested_cuts, token_dtype)
 from tokenizer import load_tokenizer
 
 
@@ -147,10 +148,11 @@ def first_duplicate(hashes, where):
     return where(a), where(b)
 
 
-def read_synthetic(paths, kind, G, keep_truncated, store, counts):
+def read_synthetic(paths, kind, G, keep_truncated, store, counts, settings):
     """Synthetic records of `kind` with index < G -> a dict of arrays over the usable records:
     "source" (hash of source_id), "index", "segment", "cut" (cut_char; -1 unless latent) and
-    "where" (file and line numbers, for messages). Everything not used is counted in `counts`."""
+    "where" (file and line numbers, for messages). Everything not used is counted in `counts`, and
+    the usable records by their generation settings (formats.GENERATION_SETTINGS) in `settings`."""
     cols = {name: array.array("q") for name in ("index", "segment", "cut", "file", "line")}
     source = array.array("Q")
     hashes, files, lines = array.array("Q"), array.array("q"), array.array("q")   # two hashes per record
@@ -185,6 +187,7 @@ def read_synthetic(paths, kind, G, keep_truncated, store, counts):
                 continue
             if kind == "latent":
                 require_nested_cuts(obj, where)
+            settings[tuple(obj.get(name) for name in GENERATION_SETTINGS)] += 1
             cols["cut"].append(require(obj, "cut_char", (int,), where) if kind == "latent" else -1)
             source.append(id_hash(source_id))
             cols["index"].append(rec_index)
@@ -325,7 +328,14 @@ def pack(real_path, out, mode="real", synthetic=(), G=None, real_position="back"
     with SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads) as store:
         # synthetic records first: in latent mode their cut points decide how the real documents
         # are tokenized (piece by piece), so the real file is read once, after them
-        syn = read_synthetic(synthetic, kind, G, keep_truncated, store, counts)
+        settings = Counter()
+        syn = read_synthetic(synthetic, kind, G, keep_truncated, store, counts, settings)
+        if len(settings) > 1:   # e.g. a file grown by runs with another model, or several files
+            differ = [name for i, name in enumerate(GENERATION_SETTINGS) if len({s[i] for s in settings}) > 1]
+            warn(f"warning: the {sum(settings.values()):,} usable {kind} records of --synthetic {' '.join(synthetic)} "
+                 f"were generated under {len(settings)} different settings (differing in {', '.join(differ)}; "
+                 f"{', '.join(f'{n:,}' for n in sorted(settings.values(), reverse=True))} records); they are packed "
+                 "together")
         by_source = np.lexsort((syn["cut"], syn["source"]))   # each source's records together, by cut
         sorted_source = syn["source"][by_source]
 

@@ -344,6 +344,15 @@ def code_version():
     return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
+def codes_with_this_one(codes, log):
+    """The code versions (code_version) a run has run under, this process's last; a run resumed
+    under other code says so."""
+    code = code_version()
+    if codes and codes[-1] != code:
+        log(f"note: this run was begun under other code ({codes[-1]}); it goes on under {code}")
+    return codes if codes[-1:] == [code] else codes + [code]
+
+
 def train_device(name):
     """--device as cli.pick_device reads it; train.py runs on cpu or cuda."""
     device = cli.pick_device(name)
@@ -425,11 +434,8 @@ def main(argv=None):
                                   fused=True)   # one fused kernel; on CPU too: several times faster than the loop
     state = resume(ckpt, model, optimizer)
     del ckpt
-    code = code_version() if master else None
-    if master and state["codes"][-1:] != [code]:
-        if state["codes"]:
-            log(f"note: this run was begun under other code ({state['codes'][-1]}); it goes on under {code}")
-        state["codes"] = state["codes"] + [code]
+    if master:
+        state["codes"] = codes_with_this_one(state["codes"], log)
     if state["step"]:
         log(f"resuming from {ckpt_path} at step {state['step']}")
     train_model = torch.compile(model) if cfg.compile else model

@@ -194,7 +194,7 @@ def test_old_rule_thoughts_refused(tmp_path, corpus, capfd):
         pack.main(["--real", corpus[0], "--synthetic", old, "--mode", "latent", "--G", "2",
                    "--out_prefix", str(tmp_path / "o")])
     err = capfd.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and "old.jsonl:1" in err
+    assert_error(e.value.code, err, "old.jsonl:1")
     assert not glob.glob(str(tmp_path / "o.*"))
 
 
@@ -378,6 +378,15 @@ def sample_records(n_chars):
         out.append({"id": f"{r['id']}#{len(out)}", "text": r["text"]})
         total += len(r["text"])
     return out
+
+
+def test_records_made_under_other_settings_are_said_to_be(tmp_path, corpus):
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [dict(r, model="m1" if r["source_id"] == "a" else "m2", seed=0)
+                                                   for r in SYNTH])
+    r = cli("--real", corpus[0], "--synthetic", mixed, "--mode", "sorted", "--G", 2, "--out_prefix", tmp_path / "o")
+    warnings = [line for line in r.stderr.splitlines() if "different settings" in line]
+    assert r.returncode == 0 and len(warnings) == 1 and warnings[0].startswith("warning: "), r.stderr
+    assert "(differing in model;" in warnings[0] and "2, 2 records" in warnings[0]   # a0, a1 | b0, z0
 
 
 @pytest.mark.parametrize("args,named", [
