@@ -667,11 +667,6 @@ def test_resume_under_other_settings_is_refused(tmp_path, server, monkeypatch, c
     out = str(tmp_path / "o.jsonl")
     args = ("--input", inp, "--out_jsonl", out, "--endpoint", url)
     run_main(monkeypatch, *args, "--G", "2")
-    # every record says how it was made
-    settings = {(r["model"], r["api"], r["prompt"], r["temperature"], r["max_new_tokens"], r["seed"],
-                 r["max_source_tokens"], r["tokenizer"], len(r["prompt_sha256"])) for r in read_jsonl(out)}
-    assert settings == {("test-model", "chat", "wikipedia", 1.0, 1024, 0, 2048, "gpt2", 16)}
-    assert {k for r in read_jsonl(out) for k in r} >= set(GENERATION_SETTINGS)   # the fields pack.py compares
     same_name = tmp_path / "prompt.json"   # the default prompt's name, another template
     same_name.write_text(json.dumps({"name": "wikipedia", "user": "Rewrite: {document}"}))
     before, asked = open(out).read(), len(srv.log)
@@ -689,6 +684,11 @@ def test_resume_under_other_settings_is_refused(tmp_path, server, monkeypatch, c
             run_main(monkeypatch, *args, "--G", "3", *change)
         assert_error(e.value.code, capfd.readouterr().err, out, *named)
     assert open(out).read() == before and len(srv.log) == asked   # nothing written, nothing asked
+    # every record says how it was made
+    settings = {(r["model"], r["api"], r["prompt"], r["temperature"], r["max_new_tokens"], r["seed"],
+                 r["max_source_tokens"], r["tokenizer"], len(r["prompt_sha256"])) for r in read_jsonl(out)}
+    assert settings == {("test-model", "chat", "wikipedia", 1.0, 1024, 0, 2048, "gpt2", 16)}
+    assert {k for r in read_jsonl(out) for k in r} >= set(GENERATION_SETTINGS)   # the fields pack.py compares
     # the same settings: a larger G adds only the new indices
     stats = run_main(monkeypatch, *args, "--G", "3")
     assert stats["done"] == 2 and sorted((r["source_id"], r["index"]) for r in read_jsonl(out)) == \

@@ -161,6 +161,7 @@ def test_ddp_matches_single_process(data, tmp_path):
                 "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *common]
     subprocess.run(torchrun + ["--out_dir", str(tmp_path / "two")], check=True, env=env, cwd=ROOT,
                    capture_output=True, timeout=300)
+    torchrun[torchrun.index("--master_port") + 1] = str(free_port())
     again = subprocess.run(torchrun + ["--out_dir", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True,
                            text=True, timeout=300)   # finished: said so, without starting a process group
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr
@@ -179,8 +180,9 @@ def test_ddp_matches_single_process(data, tmp_path):
     torchrun[torchrun.index("--master_port") + 1] = str(free_port())
     odd = subprocess.run(torchrun + ["--grad_accum", "1", "--out_dir", str(tmp_path / "odd")], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
+    # one error line from each process that got that far (torchrun may stop the other one first)
     errors = [line for line in odd.stderr.splitlines() if line.startswith("error: ")]
-    assert odd.returncode != 0 and len(errors) == 2 and all("grad_accum 1" in line for line in errors), odd.stderr
+    assert odd.returncode != 0 and errors and all("grad_accum 1" in line for line in errors), odd.stderr
 
 
 def run_cli(*args):
