@@ -294,7 +294,8 @@ def pack(real_path, out, mode="real", synthetic=(), G=None, real_position="back"
     tokenizer file it cannot open a DataError; bad input found later is a DataError naming file
     and line, and so is a synthetic stream none of whose records belongs to a real document. G
     is needed by every mode but real. Synthetic records whose source is not among the real
-    documents are left out, with one line passed to `warn` (stderr by default)."""
+    documents are left out, with one line passed to `warn` (stderr by default); records generated
+    under different settings are packed, with one line too."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
     if mode != "real" and not synthetic:

@@ -40,6 +40,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import cli
 from evaluate import markdown_table
+from formats import atomic_open
 
 AXES = ("epochs", "mix", "weight_decay", "lr")
 
@@ -215,7 +216,7 @@ def main(argv=None):
                 else "NOT shown locally optimal: " + "; ".join(reasons)))
     report = table + "\n\n" + verdict + "\n\n" + code_line(summaries.values())
     print(report)
-    with open(os.path.join(args.out_dir, "sweep.md"), "w") as f:
+    with atomic_open(os.path.join(args.out_dir, "sweep.md"), "w") as f:
         f.write(report + "\n")
 
 
