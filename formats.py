@@ -1,7 +1,8 @@
 """
 formats.py: the project's file formats, in one place: JSONL input read with file:line errors, the
-packed token files (OUT.bin / OUT.idx / OUT.json) and atomic writes. pack.py writes token files;
-train.py, evaluate.py and generate.py read what they need from here.
+fields of generate.py's records that pack.py checks, the packed token files (OUT.bin / OUT.idx /
+OUT.json), atomic writes, and the repair of files appended line by line after a crash. pack.py
+writes token files; train.py, evaluate.py and generate.py read what they need from here.
 
     from formats import TokenFile, read_jsonl
     tf = TokenFile("out/data/real")        # tokens (memory-mapped), document starts, groups, kinds
