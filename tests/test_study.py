@@ -1,5 +1,6 @@
 """evaluate.py and sweep.py: fits, data efficiency, ensembles, statistics over seeds, one-line errors;
-a sweep passes on exactly what it does not sweep; a tiny pack -> train -> sweep -> evaluate pipeline."""
+a tiny pack -> train -> sweep -> evaluate pipeline, whose sweep passes on exactly what it does not
+sweep."""
 import glob
 import json
 import math
@@ -57,7 +58,9 @@ def test_local_optimum():
 
 
 def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
-    """pack real + sorted megadocs -> a 2x1 sweep of train.py runs -> ensemble evaluation."""
+    """pack real + sorted megadocs -> a sweep over m of two train.py runs, which sets m and passes
+    every other setting on as given (lr from a --config file, weight decay and epochs as flags) ->
+    ensemble evaluation."""
     train_rows = [json.loads(l) for l in open(os.path.join(ROOT, "sample_data", "train.jsonl"))]
     synth = [json.loads(l) for l in open(os.path.join(SYNTH, "rephrase.jsonl"))]
     sources = sorted({r["source_id"] for r in synth})[:30]
@@ -72,25 +75,31 @@ def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
                   tokenizer="gpt2:512", log=quiet)
     assert s["per_kind"]["rephrase"]["documents"] == 60 and s["per_kind"]["real"]["documents"] == 30
 
-    argv = ["--out_dir", f"{d}/sweep", "--epochs", "1", "--mix", "0", "0.5", "--", *TINY,
-            "--real", f"{d}/real", "--synthetic", f"{d}/sorted", "--val", f"{d}/val"]
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.002}))
+    argv = ["--out_dir", f"{d}/sweep", "--mix", "0", "0.5", "--", *TINY, "--config", f"{d}/config.json",
+            "--epochs", "1", "--weight_decay", "0.3", "--real", f"{d}/real", "--synthetic", f"{d}/sorted",
+            "--val", f"{d}/val"]
     sweep.main(argv)
     table = open(f"{d}/sweep/sweep.md").read()
     assert "best: " in table and "mix = " in table   # a 2-point grid: the best is on its edge
-    summaries = {m: json.load(open(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=m))}/summary.json"))
-                 for m in (0, 0.5)}
+    assert f"code: {json.load(open(f'{d}/sweep/mix0/summary.json'))['code']['commit']}" in table
+    # found by what they ran, not by name: each run has its m, and everything else as given
+    summaries = {s["config"]["mix"]: s for s in map(json.load, map(open, glob.glob(f"{d}/sweep/*/summary.json")))}
+    assert {m: (s["config"]["lr"], s["config"]["weight_decay"], s["config"]["epochs"], s["config"]["synthetic"])
+            for m, s in summaries.items()} == {0: (0.002, 0.3, 1.0, ""), 0.5: (0.002, 0.3, 1.0, f"{d}/sorted")}
+    assert sorted(os.listdir(f"{d}/sweep")) == ["mix0", "mix0.5", "sweep.md"]   # named by what was swept
     windows = summaries[0]["real_windows"]
     assert (summaries[0]["steps"], summaries[0.5]["steps"]) == (windows // 4, windows // 2)  # 4 vs 2 real per batch
     assert summaries[0.5]["synthetic_sequences_seen"] == summaries[0.5]["real_sequences_seen"]
-    mtime = os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0))}/summary.json")
+    mtime = os.path.getmtime(f"{d}/sweep/mix0/summary.json")
     sweep.main(argv)                                                      # finished runs are skipped
-    assert os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0))}/summary.json") == mtime
+    assert os.path.getmtime(f"{d}/sweep/mix0/summary.json") == mtime
 
     # an ensemble of K copies of one model is that model
-    run = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0.5))}"
+    run = f"{d}/sweep/mix0.5"
     single = summaries[0.5]["val_loss"]
     assert evaluate.ensemble_loss([f"{run}/ckpt.pt"] * 3, f"{d}/val") == pytest.approx(single, abs=1e-6)
-    other = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0))}/ckpt.pt"
+    other = f"{d}/sweep/mix0/ckpt.pt"
     pair = evaluate.ensemble_loss([f"{run}/ckpt.pt", other], f"{d}/val")
     assert pair < (single + summaries[0]["val_loss"]) / 2      # mixing probabilities beats the mean loss (Jensen)
     # one pass per member and a running log-sum-exp of the targets' log-probabilities give what
@@ -135,10 +144,18 @@ def run_script(script, *args):
     return r.returncode, r.stdout, r.stderr
 
 
-def test_evaluate_cli_one_line_errors(tiny_run, tmp_path):
+def main_error(capfd, main, *argv):
+    """A script's main(argv) run to its error, in this process: (exit code, stderr)."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    return e.value.code, capfd.readouterr().err
+
+
+def test_evaluate_cli_one_line_errors(tiny_run, tmp_path, capfd):
     d = tiny_run
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
-    for args, named in [
+    for args, named in [   # the arguments, and what the error line must name
             (["ensemble", "--val", d / "val", tmp_path / "missing.pt"], [tmp_path / "missing.pt"]),
             (["ensemble", "--val", d / "val", d / "run"], [f"{d / 'run'}: is a directory"]),
             (["ensemble", "--val", d / "val", tmp_path / "garbage.pt"], [tmp_path / "garbage.pt"]),
@@ -146,9 +163,8 @@ def test_evaluate_cli_one_line_errors(tiny_run, tmp_path):
             (["ensemble", "--val", d / "nowhere", d / "run" / "ckpt.pt"], [d / "nowhere.bin"]),
             (["ensemble", "--val", d / "val", "--device", "tpu9", d / "run" / "ckpt.pt"], ["--device 'tpu9'"]),
             (["fit", "1", "2", "--loss", "3.0", "2.9"], ["3 points", "2"]),
-            (["fit", "1", "2", "3", "--loss", "3.0", "2.9"], ["--loss"]),
-            (["fit", "1", "2", "3"], ["--loss"])]:
-        code, out, err = run_script("evaluate.py", *args)
+            (["fit", "1", "2", "3", "--loss", "3.0", "2.9"], ["--loss"])]:
+        code, err = main_error(capfd, evaluate.main, *args)
         assert_error(code, err, *named)
         assert "weights_only" not in err
     code, out, err = run_script("evaluate.py", "ensemble", "--val", d / "val", d / "run" / "ckpt.pt")
@@ -179,34 +195,15 @@ def test_interpolated_budget():
     assert evaluate.interpolated_budget(4.3, [10, 20, 40, 80], [5.0, 4.4, 4.3, 4.9]) == (pytest.approx(40), "=")
 
 
-def test_sweep_reports_a_failed_run_and_bad_flags(tiny_run, tmp_path):
+def test_sweep_reports_a_failed_run_and_bad_flags(tiny_run, tmp_path, capfd):
     d = tiny_run
     for flags, named in ((["--jobs", "0"], ["--jobs"]), ([], ["--epochs", "--mix"]), (["--lr", "0.001"], ["--lr"])):
-        code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", *flags, "--", *TINY, "--lr", "0.002")
+        code, err = main_error(capfd, sweep.main, "--out_dir", tmp_path / "s", *flags, "--", *TINY, "--lr", "0.002")
         assert_error(code, err, *named)
     code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", "--epochs", "-1", "--", *TINY,
                                 "--real", d / "real", "--val", d / "val")
-    run = tmp_path / "s" / "epochs-1"
-    assert_error(code, err, run, alone=False)   # train.py's own error (exit 2), its log's last lines above
+    assert_error(code, err, tmp_path / "s" / "epochs-1", alone=False)   # train.py's error (exit 2), its log above
     assert "epochs must be a number > 0, got -1.0" in err
-
-
-def test_sweep_passes_on_what_it_does_not_sweep(tiny_run, tmp_path):
-    """Only the axes given before -- are set by the sweep: lr from the --config file, mix, the synthetic
-    stream and weight decay from the arguments after --, each as given."""
-    d = tiny_run
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"lr": 0.002}))
-    sweep.main(["--out_dir", str(tmp_path / "s"), "--epochs", "1", "2", "--", *TINY, "--config", str(config),
-                "--real", str(d / "real"), "--val", str(d / "val"), "--mix", "0.5", "--synthetic", str(d / "real"),
-                "--weight_decay", "0.3"])
-    configs = [json.load(open(path))["config"] for path in sorted(glob.glob(str(tmp_path / "s" / "*" / "summary.json")))]
-    assert [(c["epochs"], c["lr"], c["mix"], c["synthetic"], c["weight_decay"]) for c in configs] == \
-        [(e, 0.002, 0.5, str(d / "real"), 0.3) for e in (1.0, 2.0)]
-    assert sorted(os.listdir(tmp_path / "s")) == ["epochs1", "epochs2", "sweep.md"]
-    report = open(tmp_path / "s" / "sweep.md").read()
-    assert "\n| 2      | 0.5 | 0.3          | 0.002 |" in report
-    assert f"code: {json.load(open(tmp_path / 's' / 'epochs1' / 'summary.json'))['code']['commit']}" in report
 
 
 def test_run_all_progress_and_resume(tiny_run, tmp_path):

@@ -202,13 +202,21 @@ def test_finished_run_without_summary_finishes_or_says_it_is_done(data, tmp_path
     assert done.returncode == 0 and "already finished" in done.stdout
 
 
-def test_resume_refuses_other_settings(data, tmp_path):
+def main_error(capfd, *argv):
+    """train.main(argv) run to its error: (exit code, stderr)."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + list(argv))
+    return e.value.code, capfd.readouterr().err
+
+
+def test_resume_refuses_other_settings(data, tmp_path, capfd):
     run_train(data, tmp_path / "run", "--epochs", "2", "--halt_at", "3")
     for change, named in ((["--lr", "1e-3"], "lr 0.003 -> 0.001"), (["--epochs", "3"], "epochs 2.0 -> 3.0"),
                           (["--n_embd", "64"], "n_embd 32 -> 64"), (["--real", str(data / "val")], "real")):
-        r = run_cli(*TINY, "--real", str(data / "real"), "--val", str(data / "val"), "--epochs", "2",
-                    "--out_dir", str(tmp_path / "run"), *change)
-        assert_error(r.returncode, r.stderr, tmp_path / "run" / "ckpt.pt", named)
+        code, err = main_error(capfd, "--real", str(data / "real"), "--val", str(data / "val"), "--epochs", "2",
+                               "--out_dir", str(tmp_path / "run"), *change)
+        assert_error(code, err, tmp_path / "run" / "ckpt.pt", named)
     # evaluation files and intervals may change
     log = run_train(data, tmp_path / "run", "--epochs", "2", "--log_interval", "2")
     assert log[-1]["step"] == max(r["step"] for r in log)
@@ -230,7 +238,7 @@ def test_resume_after_a_crash_repairs_the_log(data, tmp_path):
 
 @pytest.mark.parametrize("args,named", [
     (["--config", "nowhere.json"], ["--config nowhere.json"]),
-    (["--config", "README.md"], ["--config README.md"]),
+    (["--config", "README"], ["--config README"]),
     (["--config", "CONFIG_WRONG_TYPE"], ["wrong.json", "lr"]),
     (["--epochs", "inf"], ["epochs"]),
     (["--block_size", "100000"], ["block_size 100000"]),
@@ -240,12 +248,14 @@ def test_resume_after_a_crash_repairs_the_log(data, tmp_path):
     (["--compile", "Treu"], ["--compile", "Treu"]),
     (["--mask", "sliding"], ["mask", "sliding"]),
 ])
-def test_one_line_errors(data, tmp_path, args, named):
+def test_one_line_errors(data, tmp_path, capfd, args, named):
     (tmp_path / "wrong.json").write_text(json.dumps({"lr": "fast"}))
-    args = [str(tmp_path / "wrong.json") if a == "CONFIG_WRONG_TYPE" else str(data / "real") if a == "REAL" else a
-            for a in args]
-    r = run_cli(*TINY, "--real", str(data / "real"), "--val", str(data / "val"), "--out_dir", str(tmp_path / "o"), *args)
-    assert_error(r.returncode, r.stderr, *named)
+    files = {"CONFIG_WRONG_TYPE": tmp_path / "wrong.json", "REAL": data / "real", "README": os.path.join(ROOT, "README.md")}
+    args = [str(files.get(a, a)) for a in args]
+    named = [n.replace("README", os.path.join(ROOT, "README.md")) for n in named]
+    code, err = main_error(capfd, "--real", str(data / "real"), "--val", str(data / "val"), "--out_dir",
+                           str(tmp_path / "o"), *args)
+    assert_error(code, err, *named)
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -264,14 +274,6 @@ def test_bad_config_errors(data, change, named):
     with pytest.raises((ValueError, DataError)) as e:
         train.setup(TrainConfig(**cfg))
     assert named in str(e.value)
-
-
-def main_error(capfd, *argv):
-    """train.main(argv) run to its error: (exit code, stderr)."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main(TINY + list(argv))
-    return e.value.code, capfd.readouterr().err
 
 
 def test_corrupt_token_file_error(data, tmp_path, capfd):
