@@ -4,6 +4,7 @@ the end of a run), ensembles, power-law fits, data efficiency, and the tables an
 
     python evaluate.py ensemble --val out/data/val out/runs/sorted-s0/ckpt.pt out/runs/sorted-s1/ckpt.pt ...
     python evaluate.py fit 1 2 4 8 --loss 3.9 3.7 3.6 3.55     # L(x) = A / x^B + C
+    (exit codes as every script's, cli.py: 0 done, 2 a one-line "error: ...")
 
 Reads:  checkpoints written by train.py, token files written by pack.py.
 Writes: nothing by itself; train.py, demo.py and sweep.py use its functions to measure losses, print
@@ -20,7 +21,6 @@ Definitions:
   * data efficiency of a loss L: invert the real-only fit L(D) at L, and divide by the real
     tokens actually used ("the baseline needs k x more real data to reach this loss").
 """
-import argparse
 import itertools
 import math
 import sys
@@ -29,6 +29,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+import cli
 from formats import DataError, TokenFile
 from model import document_ids, load_model
 
@@ -479,10 +480,11 @@ def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nat
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(__doc__, __file__)
     sub = ap.add_subparsers(dest="command", required=True)
     e = sub.add_parser("ensemble", help="loss of the probability-averaged ensemble of checkpoints")
     e.add_argument("--val", required=True, help="pack.py prefix of the held-out real tokens")
+    e.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:N, ...")
     e.add_argument("ckpts", nargs="+", help="checkpoints written by train.py (the ensemble's members)")
     f = sub.add_parser("fit", help="fit L(x) = A / x^B + C")
     f.add_argument("x", type=float, nargs="+", help="x of each point (parameters, members, real tokens)")
@@ -490,7 +492,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.command == "ensemble":
-            for k, loss in enumerate(ensemble_losses(args.ckpts, args.val), 1):
+            device = cli.pick_device(args.device)
+            for k, loss in enumerate(ensemble_losses(args.ckpts, args.val, device=device), 1):
                 print(f"K = {k}: ensemble loss {loss:.4f}")
         else:
             if len(args.x) != len(args.loss):
@@ -498,7 +501,7 @@ def main(argv=None):
             A, B, C = fit_power_law(args.x, args.loss)
             print(f"L(x) = {A:.4g} / x^{B:.4g} + {C:.4f}   (asymptote {C:.4f})")
     except (ValueError, FileNotFoundError, DataError) as err:
-        sys.exit(f"error: {err}")
+        cli.fail(err)
 
 
 if __name__ == "__main__":

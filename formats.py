@@ -1,7 +1,8 @@
 """
 formats.py: the project's file formats, in one place: JSONL input read with file:line errors, the
-packed token files (OUT.bin / OUT.idx / OUT.json) and atomic writes. pack.py writes token files;
-train.py, evaluate.py and generate.py read what they need from here.
+fields of generate.py's records that pack.py checks, the packed token files (OUT.bin / OUT.idx /
+OUT.json), atomic writes, and the repair of files appended line by line after a crash. pack.py
+writes token files; train.py, evaluate.py and generate.py read what they need from here.
 
     from formats import TokenFile, read_jsonl
     tf = TokenFile("out/data/real")        # tokens (memory-mapped), document starts, groups, kinds
@@ -62,10 +63,34 @@ def read_jsonl(path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                # (some of json's messages end in "at", meant to be followed by a position)
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column "
+                                f"{e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def cut_partial_line(path):
+    """Cut off the last line of a file appended to line by line (generate.py's output and failures,
+    train.py's log) if it has no newline: a crash, a full disk or a power cut in the middle of
+    writing it. Returns the number of bytes removed (0 also when there is no such file)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "r+b") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        keep = 0
+        while end > 0:   # look for the last newline from the end, a block at a time
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        if keep < size:
+            f.truncate(keep)
+    return size - keep
 
 
 def require(obj, field, types, where):
@@ -74,6 +99,12 @@ def require(obj, field, types, where):
         got = "missing" if field not in obj else f"{type(value).__name__} {value!r:.40}"
         raise DataError(f"{where}: field {field!r} must be {'/'.join(t.__name__ for t in types)}, got {got}")
     return value
+
+
+# What generate.py stores in each record about how it was made (generate.generation_settings): a
+# resume into a file must use the same, and pack.py says when the records it packs differ in them.
+GENERATION_SETTINGS = ("model", "prompt", "prompt_sha256", "temperature", "api", "max_new_tokens", "seed",
+                       "max_source_tokens", "tokenizer")   # (self-distill's prefix length is in its prompt name)
 
 
 # Latent thoughts record where they cut the document: "cut_char" (a character offset) and
@@ -112,8 +143,8 @@ def file_paths(prefix):
 class TokenFile:
     """A packed token file opened for reading: tokens (memory-mapped) and its document index.
 
-    Anything that does not add up (magic, version, dtype, size against the header's count,
-    document starts, BOS at every start) is refused with the reason."""
+    Anything that does not add up (magic, version, dtype, size against the header's count, a token
+    id outside the vocabulary, document starts, BOS at every start) is refused with the reason."""
 
     def __init__(self, prefix):
         self.bin_path, self.idx_path, self.json_path = file_paths(prefix)
@@ -137,6 +168,12 @@ class TokenFile:
             raise DataError(f"{self.bin_path}: truncated or corrupt: header says {n_tokens} tokens "
                             f"({expected} bytes), file has {actual} bytes")
         self.tokens = np.memmap(self.bin_path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+        # one pass over the tokens (a second or so per GB): an id beyond the vocabulary would
+        # otherwise surface as an IndexError deep inside the model's embedding
+        if n_tokens and int(self.tokens.max()) >= self.vocab_size:
+            at = int(np.argmax(self.tokens >= self.vocab_size))
+            raise DataError(f"{self.bin_path}: token id {int(self.tokens[at])} at position {at:,} is outside "
+                            f"the vocabulary of {self.vocab_size} ids its header states")
 
         with open(self.idx_path, "rb") as f:
             header = f.read(HEADER_BYTES)

@@ -24,17 +24,25 @@ Reads   --input: JSONL, one {"id": str, "text": str, ...} per line (UTF-8, at le
 Writes  --out_jsonl: JSONL, one line per generation, appended to:
           {"id": "<source_id>/<kind>/<index>", "source_id", "kind", "index", "text", "model",
            "prompt", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"},
-           "temperature"}  and for latent thoughts also "cut_char" (where cut `index` is in
-          the text) and "cut_rule" ("nested"; files cut under the older rule are refused).
+           "temperature", "api", "max_new_tokens", "seed", "tokenizer"}, for rephrases and
+          thoughts also "max_source_tokens" and "prompt_sha256" (the first 16 hex digits of the
+          SHA-256 of the prompt's system and user templates), and for latent thoughts "cut_char"
+          (where cut `index` is in the text) and "cut_rule" ("nested"; files cut under the older
+          rule are refused).
         --failures (default <out_jsonl without .jsonl>.failures.jsonl): the generations still
           missing, {"source_id", "kind", "index", "error", "tries"}: they ran out of tries, or
           were cut at the length limit on every sample. At the end of every run it is rewritten
           to list only generations still missing from --out_jsonl (once each), or removed.
 
+The code reads in three parts: what we ask the model (prompts, cuts, request bodies and records:
+pure functions), one request with its whole retry policy (make_generations), and the resumable
+files and the run around them.
+
 Before any work, GET {endpoint}/models is asked once per endpoint (within --timeout, and 10 s at most): no connection,
 an HTML page, or anything but an OpenAI model list {"data": [...]} stops the run at once. Some
-servers have no /models: one answering 404, 405 or 501 there is accepted, but then its first
-200 reply must be an OpenAI JSON body, else the run stops (instead of retrying it as a glitch).
+servers have no /models: one answering 404, 405 or 501 there is accepted, but until it has given
+one OpenAI reply, any reply of it that is not an OpenAI JSON body stops the run (instead of
+retrying it as a glitch). What is retried and what is not: make_generations.
 
 Length limit: a reply cut at --max_new_tokens (finish_reason "length") is sampled again, with a
 fresh seed, up to --length_retries times; if every sample is cut, the generation goes to the
@@ -44,18 +52,19 @@ unless told to keep them).
 Rerunning the same command resumes: every (source_id, kind, index) already in --out_jsonl is
 skipped (so a rerun with a larger --G writes only the new indices, for thoughts as for rephrases), except those cut at the length limit (unless --keep_truncated): their lines are removed
 from --out_jsonl and they are sampled again, so one record per generation remains. A partial last
-line left by a crash is cut off. Ctrl-C stops cleanly (twice: at once).
+line left by a crash is cut off. A rerun whose settings (the fields above from "model" on: --model,
+--api, --prompt_file, --temperature, --max_new_tokens, --seed, --max_source_tokens, --prefix_tokens,
+--tokenizer) differ from those of the records of its kind already in --out_jsonl is refused, naming
+each difference: one file holds one setting of each. Ctrl-C stops cleanly (twice: at once).
 
-Exit status: 0 every generation written; 1 some went to the failures file (rerun to retry them),
-or a bug (with its traceback); 2 a configuration, input or server error, printed as one line
+Exit status (cli.py): 0 every generation written; 1 some went to the failures file (rerun to retry
+them), or a bug (with its traceback); 2 a configuration, input or server error, printed as one line
 "error: ..."; 130 interrupted. The API key never appears in any message (it is replaced by ***).
 """
-import argparse
 from concurrent.futures import ThreadPoolExecutor
 import email.utils
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -69,8 +78,17 @@ from urllib.parse import urlparse
 
 import requests
 
-from formats import CUT_RULE, DataError, atomic_open, read_jsonl, require, require_nested_cuts
+import cli
+from formats import CUT_RULE, DataError, atomic_open, cut_partial_line, read_jsonl, require, require_nested_cuts
 from tokenizer import load_tokenizer
+
+
+class Fatal(Exception):
+    """A configuration problem (bad flags or input, a 4xx from the server, no server, a server that
+    is not an OpenAI server): stop the whole run with a one-line message."""
+
+# -----------------------------------------------------------------------------
+# 1. what we ask the model: prompts, cut points, request bodies and records (pure functions)
 
 SYSTEM = "Reply with the requested text only, with no preamble, notes or commentary."
 PROMPTS = {
@@ -88,25 +106,6 @@ PROMPTS = {
 }
 FIELDS = ("document", "prefix", "suffix", "id")
 KINDS = {"rephrase": "wikipedia", "latent": "latent", "self-distill": None}  # kind -> default prompt
-
-
-class Fatal(Exception):
-    """A configuration problem (bad flags or input, a 4xx from the server, no server): stop the
-    whole run with a one-line message."""
-
-
-class GiveUp(Exception):
-    """A request ran out of tries; its generations go to the failures file."""
-    def __init__(self, error, tries):
-        super().__init__(error)
-        self.error, self.tries = error, tries
-
-
-class Abandoned(Exception):
-    """The run is stopping (Ctrl-C or a fatal error): drop this request, a rerun redoes it."""
-
-# -----------------------------------------------------------------------------
-# prompts, and cutting documents on token boundaries
 
 
 def load_prompt(args):
@@ -216,8 +215,327 @@ def request_seed(seed, source_id, kind, index, attempt=0):
     h = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF  # int32: some servers reject larger seeds
 
+
+def generation_settings(args, prompt, api):
+    """Everything that shapes a generation besides its document and index, as stored in each of
+    its records (fields of formats.GENERATION_SETTINGS): a resume must use the same (scan_output
+    refuses another), and pack.py warns when the records it packs differ in them."""
+    settings = {"model": args.model, "temperature": float(args.temperature), "api": api,
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "tokenizer": args.tokenizer}
+    if prompt is None:   # self-distill: a real prefix, no template
+        settings["prompt"] = f"prefix-{args.prefix_tokens}" if args.prefix_tokens else "unconditional"
+    else:
+        template = (prompt["system"] + "\0" + prompt["user"]).encode()
+        settings.update(prompt=prompt["name"], prompt_sha256=hashlib.sha256(template).hexdigest()[:16],
+                        max_source_tokens=args.max_source_tokens)
+    return settings
+
+
+def request_body(args, api, prompt, fields, enc):
+    """The body of a request for one prompt template filled with `fields`, and its prompt's token
+    count by our tokenizer (used when the server reports no usage)."""
+    user = prompt["user"].format(**fields)
+    if api == "chat":
+        messages = ([{"role": "system", "content": prompt["system"]}] if prompt["system"] else []) + \
+            [{"role": "user", "content": user}]
+        body = {"model": args.model, "messages": messages}
+    else:  # a base model behind /v1/completions: the prompt as plain text
+        body = {"model": args.model, "prompt": (prompt["system"] + "\n\n" if prompt["system"] else "") + user + "\n\n"}
+    body.update(temperature=args.temperature, max_tokens=args.max_new_tokens)
+    return {"body": body, "local_prompt_tokens": len(enc.encode_ordinary(prompt["system"] + user))}
+
+
+def requests_for(doc, missing, args, api, prompt, enc):
+    """The requests that make the generations `missing` (indices) of one document: a list of tasks
+    {"source_id", "indices", "body", "local_prompt_tokens", "prefix", "extra"}, and how many of
+    the missing thoughts cannot be asked for (the document has fewer places to cut than --G)."""
+    sid, text = doc["id"], doc["text"]
+    tokens = enc.encode_ordinary(text)
+    n = len(tokens)
+    limit = args.max_source_tokens or 2 * n + 2  # source tokens in a prompt (0: no limit)
+    base = dict(source_id=sid, extra={}, prefix="")
+    if args.kind == "latent":   # one request per thought: each has its own prompt
+        bounds = token_bounds(enc, tokens)
+        side, cuts = max(1, limit // 2), latent_cuts(text, bounds, args.G)  # side: tokens each side of the cut
+        tasks = []
+        for i in (i for i in missing if i < len(cuts)):
+            k = cuts[i]
+            fields = dict(document=text, id=sid, prefix=span(text, bounds, max(0, k - side), k),
+                          suffix=span(text, bounds, k, min(n, k + side)))
+            tasks.append(dict(base, indices=[i], extra={"cut_char": bounds[k], "cut_rule": CUT_RULE},
+                              **request_body(args, api, prompt, fields, enc)))
+        return tasks, sum(1 for i in missing if i >= len(cuts))
+    if args.kind == "self-distill":
+        k = min(n, args.prefix_tokens)
+        prefix = span(text, token_bounds(enc, tokens[:k + 1]), 0, k)
+        body = {"model": args.model, "prompt": prefix, "temperature": args.temperature, "max_tokens": args.max_new_tokens}
+        base.update(prefix=prefix, body=body, local_prompt_tokens=len(enc.encode_ordinary(prefix)))
+    else:
+        source = text if n <= limit else span(text, token_bounds(enc, tokens[:limit + 1]), 0, limit)
+        base.update(request_body(args, api, prompt, dict(document=source, id=sid, prefix=source, suffix=""), enc))
+    return [dict(base, indices=missing[j:j + args.n_per_request]) for j in range(0, len(missing), args.n_per_request)], 0
+
+
+def parse_reply(data, api):
+    """(list of (text, finish_reason), usage) of an OpenAI reply body; an error (ValueError,
+    KeyError, TypeError, ...) for anything else."""
+    choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+    if not choices:
+        raise ValueError("no choices")
+    out = []
+    for c in choices:
+        text = c["message"]["content"] if api == "chat" else c["text"]
+        if not isinstance(text, str):
+            raise TypeError(f"choice text is {type(text).__name__}")
+        out.append((text, str(c.get("finish_reason") or "unknown")))
+    usage = data.get("usage") or {}
+    usage = {k: usage[k] for k in ("prompt_tokens", "completion_tokens") if isinstance(usage.get(k), int)}
+    return out, usage
+
+
+def split_usage(usage, choices, task, enc, max_new_tokens):
+    """Per-generation token counts. The server reports one total per request: with several
+    choices, a choice cut at the length limit used max_new_tokens, and the rest of the total is
+    shared out in proportion to local token counts."""
+    prompt = usage.get("prompt_tokens", task["local_prompt_tokens"])
+    if len(choices) == 1 and "completion_tokens" in usage:
+        return [{"prompt_tokens": prompt, "completion_tokens": usage["completion_tokens"]}]
+    local = [len(enc.encode_ordinary(t)) for t, _ in choices]
+    total = usage.get("completion_tokens", sum(local))
+    counts = [max_new_tokens if f == "length" else None for _, f in choices]
+    rest = total - sum(c or 0 for c in counts)
+    if rest < 0:  # the server counts differently: share everything out
+        counts, rest = [None] * len(choices), total
+    free = [i for i, c in enumerate(counts) if c is None]
+    share, weight = rest, max(1, sum(local[i] for i in free))
+    for j, i in enumerate(free):
+        counts[i] = rest if j == len(free) - 1 else round(share * local[i] / weight)
+        rest -= counts[i]
+    return [{"prompt_tokens": prompt, "completion_tokens": c} for c in counts]
+
+
+def make_record(task, index, text, finish, usage, kind, settings):
+    """The output line of one generation."""
+    sid = task["source_id"]
+    return {"id": f"{sid}/{kind}/{index}", "source_id": sid, "kind": kind, "index": index,
+            "text": task["prefix"] + text if kind == "self-distill" else text.strip(), "model": settings["model"],
+            "prompt": settings["prompt"], "finish_reason": finish, "usage": usage,
+            "temperature": settings["temperature"], **settings, **task["extra"]}
+
 # -----------------------------------------------------------------------------
-# input documents, the output and failures files, the endpoints
+# 2. one request and its whole retry policy
+
+
+def server_message(r):
+    """The message of an OpenAI-style error body {"error": {"message": ...}}, else the body's start
+    (on one line: it goes into one-line errors and the failures file)."""
+    try:
+        err = r.json()["error"]
+        message = str(err.get("message", err) if isinstance(err, dict) else err)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message = r.text or r.reason or ""
+    return " ".join(message.split())[:500]
+
+
+def retry_after(value):
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), or None."""
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def backoff(tries, args, retry_after_s):
+    """Seconds to wait before try `tries` + 1: base x 2^(tries - 1), at most --backoff_max, times a
+    random 0.5-1 (so that workers that failed together do not retry together), and at least the
+    server's Retry-After (within reason: 600 s)."""
+    delay = min(args.backoff_max, args.backoff_base * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
+    return delay if retry_after_s is None else max(delay, min(retry_after_s, 600.0))
+
+
+def is_json_object(r):
+    try:
+        return isinstance(r.json(), dict)
+    except ValueError:
+        return False
+
+
+def auth_headers(key):
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def redact(text, key):
+    """The text with the API key replaced by *** (a server may echo the key in an error)."""
+    return text.replace(key, "***") if key else text
+
+
+def check_endpoint(url, key, timeout):
+    """Ask GET {url}/models once, so that a wrong URL or a server that is down or is not an OpenAI
+    server stops the run at start-up. Returns True if the server listed its models, False if it
+    has no /models route (then Sampler.post checks its first reply instead)."""
+    try:
+        r = requests.get(url.rstrip("/") + "/models", headers=auth_headers(key), timeout=timeout)
+    except requests.Timeout:
+        raise Fatal(f"--endpoint {url}: no answer to GET {url}/models within {timeout:g} s") from None
+    except requests.RequestException as e:
+        # the innermost reason ("Connection refused", "Name or service not known"), not urllib3's story
+        m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(e))
+        reason = m[1] if m else f"{type(e).__name__}: {e}"
+        raise Fatal(redact(f"--endpoint {url}: cannot connect ({reason}); is the server running, "
+                           "and is this its base URL (like http://127.0.0.1:8000/v1)?", key)) from None
+    if r.status_code in (404, 405, 501):
+        return False  # up, but without a /models route (some OpenAI-compatible servers lack it)
+    if r.status_code != 200:
+        raise Fatal(redact(f"--endpoint {url}: GET {url}/models answered HTTP {r.status_code}: {server_message(r)}", key))
+    try:
+        listed = isinstance(r.json()["data"], list)
+    except (ValueError, KeyError, TypeError):
+        listed = False
+    if not listed:
+        what = "an HTML page" if r.text.lstrip()[:1] == "<" else "something other than a model list"
+        raise Fatal(redact(f"--endpoint {url}: not an OpenAI-compatible server: GET {url}/models answered {what} "
+                           f"({r.text[:100]!r}); is this the base URL (like http://127.0.0.1:8000/v1)?", key))
+    return True
+
+
+class Endpoints:
+    """The servers of a run: which one a request goes to (the one with the fewest requests in
+    flight, ties round robin), which have answered like OpenAI servers (their /models listed models
+    at start-up, or they gave an OpenAI reply since), and one HTTP session per thread."""
+
+    def __init__(self, urls, api, has_models):
+        route = "/chat/completions" if api == "chat" else "/completions"
+        self.urls, self.posts = urls, [url.rstrip("/") + route for url in urls]
+        self.busy, self.turn, self.verified = [0] * len(urls), 0, list(has_models)
+        self.lock, self.local = threading.Lock(), threading.local()
+
+    def post(self, body, key, timeout):
+        """POST one request to the least busy endpoint: (endpoint number, the reply or the
+        requests exception raised)."""
+        with self.lock:
+            n = len(self.busy)
+            self.turn += 1
+            i = min(range(n), key=lambda j: (self.busy[j], (j - self.turn) % n))
+            self.busy[i] += 1
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()  # keep-alive connections, one pool per thread
+        try:
+            return i, self.local.session.post(self.posts[i], json=body, headers=auth_headers(key), timeout=timeout)
+        except requests.RequestException as e:
+            return i, e
+        finally:
+            with self.lock:
+                self.busy[i] -= 1
+
+
+RETRIED = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+           requests.exceptions.ContentDecodingError)   # the network's glitches
+
+
+def make_generations(task, args, api, endpoints, run):
+    """Make the generations `task["indices"]` of one document, which share one request body, and
+    write them (run.write) or their failure (run.fail). The retry policy, all of it:
+
+      * retried, after backoff() seconds, up to --max_tries tries of one request: a timeout, a
+        dropped connection, HTTP 408, 429 and 5xx (but 501), and a malformed 200 body from a server
+        that has given an OpenAI reply before; then every generation still to make has failed;
+      * sampled again, alone, with the seed of its next attempt, up to --length_retries times: a
+        choice cut at the length limit (unless --keep_truncated); then that generation has failed;
+      * asked again one by one: the choices a server left out of a reply with fewer than n;
+      * the run stops (Fatal), as no retry can help: any other 4xx (a wrong model name, a bad key),
+        a 501, another error of the HTTP client, or, from a server that has not given an OpenAI
+        reply yet, any reply that is not an OpenAI JSON body (an HTML page, plain text)."""
+    a, sid, key = args, task["source_id"], args.api_key
+    todo, per, tries = [(index, 0) for index in task["indices"]], a.n_per_request, 0  # (index, attempt)
+    while todo and not run.stop.is_set():
+        index, attempt = todo[0]
+        # first samples go n at a time (one shared seed); samples again go one by one, each with its own seed
+        asked = 1 if attempt else min(per, sum(1 for _, t in todo if t == 0))
+        body = dict(task["body"], n=asked)
+        if a.seed >= 0:
+            body["seed"] = request_seed(a.seed, sid, a.kind, index, attempt)
+        tries += 1
+        i, r = endpoints.post(body, key, a.timeout)
+        url, error, wait = endpoints.posts[i], None, None
+        if isinstance(r, RETRIED):
+            error = f"{type(r).__name__}: {r}"
+        elif isinstance(r, Exception):  # anything else (a bad header, ...) will not get better
+            raise Fatal(redact(f"{url}: {type(r).__name__}: {r}", key))
+        elif r.status_code == 200:
+            try:
+                choices, usage = parse_reply(r.json(), api)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                if not endpoints.verified[i]:
+                    raise Fatal(redact(f"--endpoint {endpoints.urls[i]}: not an OpenAI-compatible server: it has no "
+                                       f"/models and its first reply is not an OpenAI JSON body ({r.text[:100]!r})",
+                                       key)) from None
+                error = f"malformed response body ({type(e).__name__}: {e}): {r.text[:200]!r}"
+            else:
+                endpoints.verified[i] = True
+        elif r.status_code == 501 or not (endpoints.verified[i] or is_json_object(r)):
+            what = "an HTML page" if r.text.lstrip()[:1] == "<" else "a body that is not OpenAI JSON"
+            raise Fatal(redact(f"--endpoint {endpoints.urls[i]}: not an OpenAI-compatible server: POST {url} answered "
+                               f"HTTP {r.status_code} with {what} ({r.text[:100]!r})", key))
+        elif r.status_code in (408, 429) or r.status_code >= 500:
+            error, wait = f"HTTP {r.status_code}: {server_message(r)}", retry_after(r.headers.get("Retry-After"))
+        else:  # any other 4xx is a configuration problem (wrong model name, bad key, ...)
+            raise Fatal(redact(f"{url} answered HTTP {r.status_code}: {server_message(r)}", key))
+
+        if error is not None:
+            if tries == a.max_tries:
+                for index, _ in todo:
+                    run.fail(sid, index, redact(error, key), tries)
+                return
+            run.count(retries=1)
+            run.stop.wait(backoff(tries, a, wait))
+            continue
+        tries = 0
+        choices = choices[:asked]
+        run.count(requests=1, prompt_tokens=usage.get("prompt_tokens", 0),
+                  completion_tokens=usage.get("completion_tokens", 0))
+        again = []
+        for (text, finish), (index, attempt), used in zip(choices, todo,
+                                                          split_usage(usage, choices, task, run.enc, a.max_new_tokens)):
+            if finish == "length":
+                run.count(length=1)
+            if finish == "length" and not a.keep_truncated:
+                if attempt < a.length_retries:
+                    again.append((index, attempt + 1))
+                    run.count(resampled=1)
+                else:
+                    run.fail(sid, index, f"cut at the length limit (--max_new_tokens {a.max_new_tokens}) "
+                             f"in all {attempt + 1} samples", attempt + 1)
+                continue
+            run.write(make_record(task, index, text, finish, used, a.kind, run.settings))
+        todo = todo[len(choices):] + again
+        if len(choices) < asked:
+            per = 1  # the server gave fewer choices than asked: request the rest one by one
+
+# -----------------------------------------------------------------------------
+# 3. the resumable files, and the run
+
+
+class Indices:
+    """A set of generations (source_id, kind, index), kept as one integer per (source_id, kind)
+    whose bit i stands for index i: a corpus of 164k documents x 32 generations takes a few MB,
+    where Python sets of ints would take hundreds."""
+
+    def __init__(self):
+        self.bits = {}
+
+    def add(self, source_id, kind, index):
+        self.bits[source_id, kind] = self.bits.get((source_id, kind), 0) | 1 << index
+
+    def __contains__(self, generation):
+        source_id, kind, index = generation
+        return self.bits.get((source_id, kind), 0) >> index & 1 == 1
+
+    def missing(self, source_id, kind, G):
+        """The indices below G not in the set, in order."""
+        return [i for i in range(G) if (source_id, kind, i) not in self]
 
 
 def read_docs(path):
@@ -234,16 +552,15 @@ def read_docs(path):
 
 def read_records(path, what):
     """Yield (line number, raw line, record) for the records of a JSONL file this script writes
-    (the output or the failures file). A partial last line (a crash mid-write) is cut off once the
-    file has been read, so that appending continues on a line boundary."""
+    (the output or the failures file). A partial last line (a crash mid-write) is cut off first,
+    so that appending continues on a line boundary."""
+    removed = cut_partial_line(path)
+    if removed:
+        print(f"{path}: removed a partial last line ({removed} bytes) left by an interrupted run", file=sys.stderr)
     if not os.path.exists(path):
         return
-    good = 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                break  # the partial last line
-            good += len(line)
             if not line.strip():
                 continue
             try:
@@ -255,29 +572,39 @@ def read_records(path, what):
             if not ok:
                 raise Fatal(f"{path}:{lineno}: not a {what} written by generate.py; fix or remove that line")
             yield lineno, line, r
-    size = os.path.getsize(path)
-    if good < size:
-        with open(path, "r+b") as f:
-            f.truncate(good)
-        print(f"{path}: removed a partial last line ({size - good} bytes) left by an interrupted run", file=sys.stderr)
 
 
-def scan_output(path, kind, G, keep_truncated):
-    """What earlier runs wrote: {(source_id, kind): bitmask of the indices done}, and for this kind
-    {source_id: {index: line number}} of the records cut at the length limit, which are not done
-    (they are sampled again) unless keep_truncated."""
-    done, truncated = {}, {}
+def scan_output(path, kind, keep_truncated, settings):
+    """What earlier runs wrote: the Indices done, and for this kind {source_id: {index: line
+    number}} of the records cut at the length limit, which are not done (they are sampled again)
+    unless keep_truncated. Records of this kind written under other settings are a Fatal naming
+    each difference; records from before settings were stored get a note."""
+    done, truncated, other, unrecorded = Indices(), {}, {}, {}
     for lineno, _, r in read_records(path, "record"):
         if r["kind"] == "latent":
             try:
                 require_nested_cuts(r, f"{path}:{lineno}")
             except DataError as e:
                 raise Fatal(str(e)) from None
+        if r["kind"] == kind:
+            for name, value in settings.items():
+                if name not in r:
+                    unrecorded[name] = unrecorded.get(name, 0) + 1
+                elif r[name] != value and name not in other:
+                    other[name] = (r[name], lineno)
         if r.get("finish_reason") == "length" and r["kind"] == kind and not keep_truncated:
             truncated.setdefault(r["source_id"], {})[r["index"]] = lineno
             continue
-        key = (r["source_id"], r["kind"])
-        done[key] = done.get(key, 0) | (1 << r["index"])
+        done.add(r["source_id"], r["kind"], r["index"])
+    if other:
+        raise Fatal(f"{path} holds {kind} generations made with other settings (" +
+                    "; ".join(f"{name} {old!r} -> {settings[name]!r} (line {lineno})"
+                              for name, (old, lineno) in other.items()) +
+                    "); use another --out_jsonl, or the same settings to resume it")
+    if unrecorded:
+        print(f"[generate] note: {max(unrecorded.values()):,} {kind} records in {path} do not record "
+              f"{', '.join(sorted(unrecorded))} (an older generate.py wrote them): they cannot be checked against "
+              "this run's settings", file=sys.stderr)
     return done, truncated
 
 
@@ -296,7 +623,7 @@ def tidy_failures(path, done):
     for _, line, r in read_records(path, "failure record"):
         key = (r["source_id"], r["kind"], r["index"])
         latest.pop(key, None)  # an older failure of the same generation
-        if not done.get(key[:2], 0) >> key[2] & 1:
+        if key not in done:
             latest[key] = line
     if latest:
         with atomic_open(path) as f:
@@ -338,81 +665,51 @@ class JsonlWriter:
                 self.f = None
 
 
-def auth_headers(key):
-    return {"Authorization": f"Bearer {key}"} if key else {}
+class Run:
+    """What the requests of one run share: the output and failures files, the generations done,
+    the counters, the stop flag (Ctrl-C, or a task's error), and the worker pool whose queue is
+    bounded by slots (the corpus is read lazily)."""
 
-
-def redact(text, key):
-    """The text with the API key replaced by *** (a server may echo the key in an error)."""
-    return text.replace(key, "***") if key else text
-
-
-def check_endpoint(url, key, timeout):
-    """Ask GET {url}/models once, so that a wrong URL or a server that is down or is not an OpenAI
-    server stops the run at start-up. Returns True if the server listed its models, False if it
-    has no /models route (then Sampler.post checks its first reply instead)."""
-    try:
-        r = requests.get(url.rstrip("/") + "/models", headers=auth_headers(key), timeout=timeout)
-    except requests.Timeout:
-        raise Fatal(f"--endpoint {url}: no answer to GET {url}/models within {timeout:g} s") from None
-    except requests.RequestException as e:
-        # the innermost reason ("Connection refused", "Name or service not known"), not urllib3's story
-        m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(e))
-        reason = m[1] if m else f"{type(e).__name__}: {e}"
-        raise Fatal(redact(f"--endpoint {url}: cannot connect ({reason}); is the server running, "
-                           "and is this its base URL (like http://127.0.0.1:8000/v1)?", key)) from None
-    if r.status_code in (404, 405, 501):
-        return False  # up, but without a /models route (some OpenAI-compatible servers lack it)
-    if r.status_code != 200:
-        raise Fatal(redact(f"--endpoint {url}: GET {url}/models answered HTTP {r.status_code}: {server_message(r)}", key))
-    try:
-        listed = isinstance(r.json()["data"], list)
-    except (ValueError, KeyError, TypeError):
-        listed = False
-    if not listed:
-        what = "an HTML page" if r.text.lstrip()[:1] == "<" else "something other than a model list"
-        raise Fatal(redact(f"--endpoint {url}: not an OpenAI-compatible server: GET {url}/models answered {what} "
-                           f"({r.text[:100]!r}); is this the base URL (like http://127.0.0.1:8000/v1)?", key))
-    return True
-
-# -----------------------------------------------------------------------------
-# the sampler
-
-
-class Sampler:
-    """One run's requests and everything they share: the output and failures files, what is done,
-    the counters, the load of each endpoint, the worker pool and the slots that bound its queue."""
-
-    def __init__(self, args, enc, prompt, done, total, has_models):
-        self.args, self.enc, self.prompt, self.key = args, enc, prompt, args.api_key
-        self.done, self.total = done, total  # done: {(source_id, kind): bitmask}, updated as we write
+    def __init__(self, args, enc, settings, done, total):
+        self.args, self.enc, self.settings, self.done, self.total = args, enc, settings, done, total
         self.out, self.failures = JsonlWriter(args.out_jsonl), JsonlWriter(args.failures)
-        self.api = "completions" if args.kind == "self-distill" else args.api
         self.stop = threading.Event()
         self.lock = threading.RLock()
-        self.local = threading.local()  # one requests.Session (keep-alive connections) per thread
-        self.busy = [0] * len(args.endpoint)  # requests in flight per endpoint
-        self.turn = 0
-        self.verified = list(has_models)  # endpoints known to answer like an OpenAI server
         self.stats = dict(done=0, failed=0, requests=0, retries=0, length=0, resampled=0, prompt_tokens=0,
                           completion_tokens=0, too_short=0)
-        self.slots = threading.Semaphore(2 * args.concurrency)  # tasks queued or running: the corpus is read lazily
+        self.slots = threading.Semaphore(2 * args.concurrency)  # tasks queued or running
         self.errors = []  # exceptions of the tasks: Fatal (a 4xx) or a bug
         self.start = self.last_progress = time.time()
 
-    def sample(self, docs):
-        """Make every request for `docs`, args.concurrency at a time, until all are done or the run
+    def count(self, **kw):
+        with self.lock:
+            for k, v in kw.items():
+                self.stats[k] += v
+
+    def write(self, rec):
+        if self.out.write(rec):
+            with self.lock:
+                self.done.add(rec["source_id"], rec["kind"], rec["index"])
+                self.stats["done"] += 1
+
+    def fail(self, source_id, index, error, tries):
+        rec = {"source_id": source_id, "kind": self.args.kind, "index": index, "error": error, "tries": tries}
+        if self.failures.write(rec):
+            self.count(failed=1)
+
+    def sample(self, tasks, work):
+        """Run work(task) for every task, --concurrency at a time, until all are done or the run
         stops (Ctrl-C, or a task's error); the files are closed when it returns."""
         in_main = threading.current_thread() is threading.main_thread()
         old_handler = signal.signal(signal.SIGINT, self.on_sigint) if in_main else None
         pool = ThreadPoolExecutor(self.args.concurrency, thread_name_prefix="generate")
         try:
-            for task in self.tasks(docs):
+            for task in tasks:
                 self.acquire_slot()
                 if self.stop.is_set():
                     self.slots.release()
                     break
-                pool.submit(self.do_task, task).add_done_callback(self.task_finished)
+                pool.submit(work, task).add_done_callback(self.task_finished)
             for _ in range(2 * self.args.concurrency):  # wait for the tasks in flight (after a stop, they end quickly)
                 self.acquire_slot()
         finally:
@@ -432,7 +729,7 @@ class Sampler:
         self.out.close()
         self.failures.close()
         self.progress(final=True)
-        os._exit(130)
+        os._exit(cli.INTERRUPTED)
 
     def acquire_slot(self):
         """Wait for a free slot, printing progress every few seconds meanwhile."""
@@ -450,209 +747,6 @@ class Sampler:
             self.stop.set()
         self.slots.release()
 
-    def count(self, **kw):
-        with self.lock:
-            for k, v in kw.items():
-                self.stats[k] += v
-
-    def do_task(self, task):
-        """Make the generations `indices` of one document, which share one request body. A reply
-        cut at the length limit is sampled again, alone and with the seed of its next attempt."""
-        a, sid = self.args, task["source_id"]
-        todo, per = [(index, 0) for index in task["indices"]], a.n_per_request  # (index, attempt)
-        while todo:
-            if self.stop.is_set():
-                return
-            index, attempt = todo[0]
-            # first samples go n at a time (one shared seed); samples again go one by one, each with its own seed
-            asked = 1 if attempt else min(per, sum(1 for _, t in todo if t == 0))
-            body = dict(task["body"], n=asked)
-            if a.seed >= 0:
-                body["seed"] = request_seed(a.seed, sid, a.kind, index, attempt)
-            try:
-                choices, usage, tries = self.post(body)
-            except GiveUp as e:
-                for index, _ in todo:
-                    self.fail(sid, index, e.error, e.tries)
-                return
-            except Abandoned:
-                return
-            choices = choices[:asked]
-            self.count(requests=1, prompt_tokens=usage.get("prompt_tokens", 0),
-                       completion_tokens=usage.get("completion_tokens", 0))
-            again = []
-            for (text, finish), (index, attempt), used in zip(choices, todo, self.split_usage(usage, choices, task)):
-                if finish == "length":
-                    self.count(length=1)
-                if finish == "length" and not a.keep_truncated:
-                    if attempt < a.length_retries:
-                        again.append((index, attempt + 1))
-                        self.count(resampled=1)
-                    else:
-                        self.fail(sid, index, f"cut at the length limit (--max_new_tokens {a.max_new_tokens}) "
-                                  f"in all {attempt + 1} samples", attempt + 1)
-                    continue
-                self.write(task, index, text, finish, used)
-            todo = todo[len(choices):] + again
-            if len(choices) < asked:
-                per = 1  # the server gave fewer choices than asked: request the rest one by one
-
-    def write(self, task, index, text, finish, used):
-        a, sid = self.args, task["source_id"]
-        rec = {"id": f"{sid}/{a.kind}/{index}", "source_id": sid, "kind": a.kind, "index": index,
-               "text": task["prefix"] + text if a.kind == "self-distill" else text.strip(), "model": a.model,
-               "prompt": task["prompt_name"], "finish_reason": finish, "usage": used,
-               "temperature": float(a.temperature), **task["extra"]}
-        if self.out.write(rec):
-            with self.lock:
-                self.done[(sid, a.kind)] = self.done.get((sid, a.kind), 0) | (1 << index)
-                self.stats["done"] += 1
-
-    def fail(self, source_id, index, error, tries):
-        rec = {"source_id": source_id, "kind": self.args.kind, "index": index, "error": error, "tries": tries}
-        if self.failures.write(rec):
-            self.count(failed=1)
-
-    def pick_endpoint(self):
-        # least requests in flight; ties go round robin so idle endpoints all get used
-        with self.lock:
-            n = len(self.busy)
-            self.turn += 1
-            i = min(range(n), key=lambda j: (self.busy[j], (j - self.turn) % n))
-            self.busy[i] += 1
-            return i
-
-    def post(self, body):
-        """POST one request, retrying 429/5xx/timeouts/dropped connections/malformed bodies with
-        exponential backoff and jitter. Returns (list of (text, finish_reason), usage, tries)."""
-        a = self.args
-        if not hasattr(self.local, "session"):
-            self.local.session = requests.Session()
-        for tries in range(1, a.max_tries + 1):
-            i = self.pick_endpoint()
-            url = a.endpoint[i].rstrip("/") + ("/chat/completions" if self.api == "chat" else "/completions")
-            wait = None  # the server's Retry-After, if any
-            try:
-                r = self.local.session.post(url, json=body, headers=auth_headers(self.key), timeout=a.timeout)
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as e:
-                error = f"{type(e).__name__}: {e}"
-            except requests.RequestException as e:  # anything else (a bad header, ...) will not get better
-                raise Fatal(redact(f"{url}: {type(e).__name__}: {e}", self.key)) from None
-            else:
-                if r.status_code == 200:
-                    try:
-                        result = self.parse(r.json())
-                    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-                        error = f"malformed response body ({type(e).__name__}: {e}): {r.text[:200]!r}"
-                        if not self.verified[i]:  # no /models at start-up, and no OpenAI reply yet either
-                            raise Fatal(redact(f"--endpoint {a.endpoint[i]}: not an OpenAI-compatible server: it has "
-                                               f"no /models and its first reply is not an OpenAI JSON body "
-                                               f"({r.text[:100]!r})", self.key)) from None
-                    else:
-                        self.verified[i] = True
-                        return result + (tries,)
-                elif r.status_code in (408, 429) or r.status_code >= 500:
-                    error = f"HTTP {r.status_code}: {server_message(r)}"
-                    wait = retry_after(r.headers.get("Retry-After"))
-                else:  # any other 4xx is a configuration problem (wrong model name, bad key, ...)
-                    raise Fatal(redact(f"{url} answered HTTP {r.status_code}: {server_message(r)}", self.key))
-            finally:
-                with self.lock:
-                    self.busy[i] -= 1
-            if tries == a.max_tries:
-                raise GiveUp(redact(error, self.key), tries)
-            self.count(retries=1)
-            delay = min(a.backoff_max, a.backoff_base * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
-            if wait is not None:
-                delay = max(delay, min(wait, 600.0))  # honour Retry-After (within reason)
-            if self.stop.wait(delay):
-                raise Abandoned()
-        raise AssertionError("unreachable")
-
-    def parse(self, data):
-        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        if not choices:
-            raise ValueError("no choices")
-        out = []
-        for c in choices:
-            text = c["message"]["content"] if self.api == "chat" else c["text"]
-            if not isinstance(text, str):
-                raise TypeError(f"choice text is {type(text).__name__}")
-            out.append((text, str(c.get("finish_reason") or "unknown")))
-        usage = data.get("usage") or {}
-        usage = {k: usage[k] for k in ("prompt_tokens", "completion_tokens") if isinstance(usage.get(k), int)}
-        return out, usage
-    def split_usage(self, usage, choices, task):
-        """Per-generation token counts. The server reports one total per request: with several
-        choices, a choice cut at the length limit used max_new_tokens, and the rest of the total is
-        shared out in proportion to local token counts."""
-        prompt = usage.get("prompt_tokens", task["local_prompt_tokens"])
-        if len(choices) == 1 and "completion_tokens" in usage:
-            return [{"prompt_tokens": prompt, "completion_tokens": usage["completion_tokens"]}]
-        local = [len(self.enc.encode_ordinary(t)) for t, _ in choices]
-        total = usage.get("completion_tokens", sum(local))
-        counts = [self.args.max_new_tokens if f == "length" else None for _, f in choices]
-        rest = total - sum(c or 0 for c in counts)
-        if rest < 0:  # the server counts differently: share everything out
-            counts, rest = [None] * len(choices), total
-        free = [i for i, c in enumerate(counts) if c is None]
-        share, weight = rest, max(1, sum(local[i] for i in free))
-        for j, i in enumerate(free):
-            counts[i] = rest if j == len(free) - 1 else round(share * local[i] / weight)
-            rest -= counts[i]
-        return [{"prompt_tokens": prompt, "completion_tokens": c} for c in counts]
-
-    def tasks(self, docs):
-        """Requests to make, document by document: (indices, request body, record extras)."""
-        a, enc = self.args, self.enc
-        mask = (1 << a.G) - 1
-        for doc in docs:
-            sid, text = doc["id"], doc["text"]
-            missing = [i for i in range(a.G) if not self.done.get((sid, a.kind), 0) & mask & (1 << i)]
-            if not missing or not text:
-                continue
-            tokens = enc.encode_ordinary(text)
-            n = len(tokens)
-            limit = a.max_source_tokens or 2 * n + 2  # source tokens in a prompt (0: no limit)
-            base = dict(source_id=sid, extra={}, prefix="", prompt_name=self.prompt["name"] if self.prompt else "")
-            if a.kind == "latent":
-                bounds = token_bounds(enc, tokens)
-                side, cuts = max(1, limit // 2), latent_cuts(text, bounds, a.G)  # side: tokens each side of the cut
-                if len(cuts) < a.G:   # too few places to cut: those thoughts cannot exist
-                    short = sum(1 for i in missing if i >= len(cuts))
-                    self.count(too_short=short)
-                    self.total -= short
-                for i in (i for i in missing if i < len(cuts)):
-                    k = cuts[i]
-                    fields = dict(document=text, id=sid, prefix=span(text, bounds, max(0, k - side), k),
-                                  suffix=span(text, bounds, k, min(n, k + side)))
-                    yield dict(base, indices=[i], extra={"cut_char": bounds[k], "cut_rule": CUT_RULE}, **self.body(fields))
-                continue
-            if a.kind == "self-distill":
-                k = min(n, a.prefix_tokens)
-                prefix = span(text, token_bounds(enc, tokens[:k + 1]), 0, k)
-                body = {"model": a.model, "prompt": prefix, "temperature": a.temperature, "max_tokens": a.max_new_tokens}
-                base.update(prefix=prefix, prompt_name=f"prefix-{a.prefix_tokens}" if a.prefix_tokens else "unconditional",
-                            body=body, local_prompt_tokens=len(enc.encode_ordinary(prefix)))
-            else:
-                source = text if n <= limit else span(text, token_bounds(enc, tokens[:limit + 1]), 0, limit)
-                base.update(self.body(dict(document=source, id=sid, prefix=source, suffix="")))
-            for j in range(0, len(missing), a.n_per_request):
-                yield dict(base, indices=missing[j:j + a.n_per_request])
-
-    def body(self, fields):
-        a, p = self.args, self.prompt
-        user = p["user"].format(**fields)
-        if self.api == "chat":
-            messages = ([{"role": "system", "content": p["system"]}] if p["system"] else []) + \
-                [{"role": "user", "content": user}]
-            body = {"model": a.model, "messages": messages}
-        else:  # a base model behind /v1/completions: the prompt as plain text
-            body = {"model": a.model, "prompt": (p["system"] + "\n\n" if p["system"] else "") + user + "\n\n"}
-        body.update(temperature=a.temperature, max_tokens=a.max_new_tokens)
-        return {"body": body, "local_prompt_tokens": len(self.enc.encode_ordinary(p["system"] + user))}
-
     def progress(self, final=False):
         s, dt = self.stats, max(1e-9, time.time() - self.start)
         finished = s["done"] + s["failed"]
@@ -661,39 +755,12 @@ class Sampler:
               f"{s['completion_tokens'] / dt:,.0f} tok/s | {eta} | retries {s['retries']:,} | failed {s['failed']:,}",
               file=sys.stderr, flush=True)
 
-
-def server_message(r):
-    """The message of an OpenAI-style error body {"error": {"message": ...}}, else the body's start
-    (on one line: it goes into one-line errors and the failures file)."""
-    try:
-        err = r.json()["error"]
-        message = str(err.get("message", err) if isinstance(err, dict) else err)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        message = r.text or r.reason or ""
-    return " ".join(message.split())[:500]
-
-
-def retry_after(value):
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), or None."""
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
 # -----------------------------------------------------------------------------
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line "error: ...", like every other error of this script
-        raise Fatal(f"{message} (see python generate.py --help)")
+# the command line
 
 
 def arg_parser():
-    # allow_abbrev=False: a prefix such as --out (the old name of --out_jsonl) is not silently taken
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("--input", required=True, help="JSONL documents {id, text}")
     p.add_argument("--out_jsonl", required=True, help="JSONL output, one line per generation, appended to (resume)")
     p.add_argument("--failures", help="JSONL of the generations still missing (default: <out_jsonl>.failures.jsonl)")
@@ -761,24 +828,23 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    """Run the sampler; returns the final stats dict. Exit codes: 1 if some generations failed,
-    2 on a fatal error (one line "error: ..."), 130 on Ctrl-C."""
+    """Run the sampler; returns the final stats dict. Exit codes (cli.py): 1 if some generations
+    failed, 2 on a fatal error (one line "error: ..."), 130 on Ctrl-C."""
     key = None
     try:
         args = parse_args(argv)
         key = args.api_key
         stats = run(args)
     except Fatal as e:
-        print("error: " + " ".join(redact(str(e), key).splitlines()), file=sys.stderr)
-        raise SystemExit(2)
+        cli.fail(redact(str(e), key))
     except KeyboardInterrupt:  # before the sampling started: nothing to stop cleanly
         print("[generate] interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(cli.INTERRUPTED)
     except Exception:  # a bug: its traceback, but never the key (an exception may quote a request header)
         print(redact(traceback.format_exc(), key), file=sys.stderr, end="")
-        raise SystemExit(1)
+        raise SystemExit(cli.INCOMPLETE)
     if stats["failed"]:
-        raise SystemExit(1)
+        raise SystemExit(cli.INCOMPLETE)
     return stats
 
 
@@ -793,13 +859,15 @@ def run(args):
     except (OSError, ValueError) as e:
         raise Fatal(f"--tokenizer {args.tokenizer}: {e}") from None
     prompt = load_prompt(args)
+    api = "completions" if args.kind == "self-distill" else args.api
+    settings = generation_settings(args, prompt, api)
     has_models = [check_endpoint(url, args.api_key, min(args.timeout, 10.0)) for url in args.endpoint]
-    done, truncated = scan_output(args.out_jsonl, args.kind, args.G, args.keep_truncated)
+    done, truncated = scan_output(args.out_jsonl, args.kind, args.keep_truncated, settings)
     tidy_failures(args.failures, done)  # repairs a partial last line before we append to it
 
     # pass 1: validate every input line and count the work (the text is not kept: corpora are big)
     shard_i, shard_n = args.shard
-    mask, ids, total, ndocs, redo = (1 << args.G) - 1, set(), 0, 0, set()
+    ids, total, ndocs, redo = set(), 0, 0, set()
     for pos, (lineno, doc) in enumerate(read_docs(args.input)):
         ndocs += 1  # in every shard
         if pos % shard_n != shard_i:
@@ -808,7 +876,7 @@ def run(args):
             raise Fatal(f"{args.input}:{lineno}: duplicate document id {doc['id']!r}")
         ids.add(doc["id"])
         if doc["text"]:
-            total += args.G - bin(done.get((doc["id"], args.kind), 0) & mask).count("1")
+            total += len(done.missing(doc["id"], args.kind, args.G))
             redo.update(line for i, line in truncated.get(doc["id"], {}).items() if i < args.G)
     if not ndocs:
         raise Fatal(f"{args.input}: no documents")
@@ -821,12 +889,23 @@ def run(args):
           file=sys.stderr, flush=True)
     del ids
 
-    sampler = Sampler(args, enc, prompt, done, total, has_models)
-    sampler.sample(d for pos, (_, d) in enumerate(read_docs(args.input)) if pos % shard_n == shard_i)
-    missing = tidy_failures(args.failures, sampler.done)
+    state = Run(args, enc, settings, done, total)
+    endpoints = Endpoints(args.endpoint, api, has_models)
 
-    s = sampler.stats
-    sampler.progress(final=True)
+    def tasks():
+        for pos, (_, doc) in enumerate(read_docs(args.input)):
+            missing = done.missing(doc["id"], args.kind, args.G) if pos % shard_n == shard_i and doc["text"] else []
+            if missing:
+                doc_tasks, unaskable = requests_for(doc, missing, args, api, prompt, enc)
+                if unaskable:   # too few places to cut: those thoughts cannot exist
+                    state.count(too_short=unaskable)
+                    state.total -= unaskable
+                yield from doc_tasks
+    state.sample(tasks(), lambda task: make_generations(task, args, api, endpoints, state))
+    missing = tidy_failures(args.failures, state.done)
+
+    s = state.stats
+    state.progress(final=True)
     length = "" if not s["length"] else f", {s['length']:,} replies cut at the length limit (" + \
         ("kept" if args.keep_truncated else f"{s['resampled']:,} sampled again") + ")"
     print(f"[generate] summary: {s['done']:,} written, {s['failed']:,} failed, {s['requests']:,} requests, "
@@ -838,12 +917,12 @@ def run(args):
     if missing:
         print(f"[generate] {missing:,} generations are missing from {args.out_jsonl}, listed in {args.failures}; "
               "rerun the same command to retry them", file=sys.stderr)
-    if sampler.errors:
-        raise sampler.errors[0]  # Fatal: main() prints it; anything else is a bug and shows its traceback
-    if sampler.stop.is_set():
+    if state.errors:
+        raise state.errors[0]  # Fatal: main() prints it; anything else is a bug and shows its traceback
+    if state.stop.is_set():
         print("[generate] interrupted; rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(130)
-    return dict(s, total=total, elapsed=time.time() - sampler.start)
+        raise SystemExit(cli.INTERRUPTED)
+    return dict(s, total=total, elapsed=time.time() - state.start)
 
 
 if __name__ == "__main__":

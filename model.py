@@ -34,6 +34,7 @@ Reads checkpoints (load_model); writing them is train.py's job.
 
 import math
 import os
+import pickle
 from dataclasses import dataclass, fields
 
 import torch
@@ -104,7 +105,8 @@ PRESETS = {
     "1.5B": dict(vocab_size=LLAMA3_VOCAB, n_layer=36, n_head=16, n_kv_head=8, n_embd=1536, mlp_hidden=5376, block_size=4096),
     # small shapes for CPU runs, named layers x width (SwiGLU hidden ~ 8/3 x width, a multiple of 16).
     # cpu-2x64 is the CPU demo's model as is (configs/cpu_demo.json): GPT-2's first 1,024 ranks + BOS,
-    # padded to 1,088; a context of 1,024 holds a typical megadoc of that vocabulary (about 1,100 tokens).
+    # padded to 1,088. Its context of 1,024 is a little shorter than a megadoc of that vocabulary
+    # (1,290 tokens at the median, docs/demo_design.md): most of one fits in a window.
     "cpu-2x64": dict(vocab_size=1088, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, mlp_hidden=176, block_size=1024),
     "cpu-4x256": dict(vocab_size=GPT2_VOCAB_PADDED, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, mlp_hidden=688, block_size=512),
 }
@@ -517,15 +519,34 @@ class GPT(nn.Module):
         return idx
 
 
-def load_model(path, device="cpu"):
-    """(model in eval mode, the checkpoint dict) from a checkpoint written by train.py. Loaded with
-    weights_only=True: a checkpoint holds tensors and plain values, never code to run."""
-    if not os.path.isfile(path):
+def read_checkpoint(path, device="cpu"):
+    """The dict of a checkpoint written by train.py, loaded with weights_only=True: a checkpoint
+    holds tensors and plain values, never code to run. A file that is not one is a ValueError
+    naming it (torch's own message is not passed on whole: it suggests weights_only=False, which
+    would run whatever code the file holds)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a checkpoint (a run's checkpoint is "
+                         f"{os.path.join(path, 'ckpt.pt')})")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:   # not a torch.save file, or one holding objects other than tensors
+        raise ValueError(f"{path}: not a nanosynth checkpoint (not a file of tensors and plain values "
+                         "that torch.load reads)") from None
+    except Exception as e:   # a truncated or corrupt file: the first sentence of torch's reason
+        reason = str(e).split(". ")[0].splitlines()[0][:200] if str(e) else ""
+        raise ValueError(f"{path}: not a nanosynth checkpoint ({type(e).__name__}: {reason})") from None
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, the checkpoint dict) from a checkpoint written by train.py
+    (read_checkpoint)."""
+    ckpt = read_checkpoint(path, device)
+    try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except Exception as e:   # a truncated file, another program's pickle, a state dict that does not fit
-        raise ValueError(f"{path}: not a nanosynth checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception as e:   # another program's checkpoint, or a state dict that does not fit
+        raise ValueError(f"{path}: not a nanosynth checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     return model.to(device).eval(), ckpt

@@ -24,7 +24,7 @@ document, which is what the `megadoc` attention mask compares.
 
 The stream modes (G = generations used per source: those with index < G, so one generation run at
 G = 32 serves every smaller G; for thoughts too, since thought i sits at the i-th cut of one
-nested order, see generate.latent_cuts):
+nested order, see generate.latent_cuts; every mode but real needs --G):
   real      real documents only, shuffled.
   shuffled  real documents + every rephrase as its own document, all shuffled together.
   sorted    one megadoc per source: its G rephrases in index order, then the real document
@@ -32,12 +32,13 @@ nested order, see generate.latent_cuts):
   latent    one stretched document per source: the real text cut at the cut points of its
             thoughts 0 .. G-1, each thought inserted at its own cut (in document order, whatever
             its index) between THOUGHT_OPEN and THOUGHT_CLOSE.
-Self-distillation samples are packed like rephrases (--synthetic_kind self-distill).
+Self-distillation samples are packed like rephrases (--synthetic_kind self-distill). A synthetic
+record whose source_id is not among the real documents is left out, with a warning line; if that
+leaves none, or the files hold no usable record of the kind, it is an error.
 
 Memory does not grow with the corpus text: documents are read and tokenized in batches into a
 temporary token store on disk, and only a few integers per document stay in memory.
 """
-import argparse
 import array
 import hashlib
 import itertools
@@ -49,7 +50,9 @@ from collections import Counter
 
 import numpy as np
 
-from formats import DataError, KINDS, TokenWriter, file_paths, read_jsonl, require, require_nested_cuts, token_dtype
+import cli
+from formats import (DataError, GENERATION_SETTINGS, KINDS, TokenWriter, file_paths, read_jsonl, require,
+                     require_nested_cuts, token_dtype)
 from tokenizer import load_tokenizer
 
 
@@ -145,10 +148,11 @@ def first_duplicate(hashes, where):
     return where(a), where(b)
 
 
-def read_synthetic(paths, kind, G, keep_truncated, store, counts):
+def read_synthetic(paths, kind, G, keep_truncated, store, counts, settings):
     """Synthetic records of `kind` with index < G -> a dict of arrays over the usable records:
     "source" (hash of source_id), "index", "segment", "cut" (cut_char; -1 unless latent) and
-    "where" (file and line numbers, for messages). Everything not used is counted in `counts`."""
+    "where" (file and line numbers, for messages). Everything not used is counted in `counts`, and
+    the usable records by their generation settings (formats.GENERATION_SETTINGS) in `settings`."""
     cols = {name: array.array("q") for name in ("index", "segment", "cut", "file", "line")}
     source = array.array("Q")
     hashes, files, lines = array.array("Q"), array.array("q"), array.array("q")   # two hashes per record
@@ -183,6 +187,7 @@ def read_synthetic(paths, kind, G, keep_truncated, store, counts):
                 continue
             if kind == "latent":
                 require_nested_cuts(obj, where)
+            settings[tuple(obj.get(name) for name in GENERATION_SETTINGS)] += 1
             cols["cut"].append(require(obj, "cut_char", (int,), where) if kind == "latent" else -1)
             source.append(id_hash(source_id))
             cols["index"].append(rec_index)
@@ -281,23 +286,28 @@ REAL_POSITIONS = ("back", "front", "none")
 SYNTHETIC_KINDS = ("rephrase", "self-distill")
 
 
-def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
+def pack(real_path, out, mode="real", synthetic=(), G=None, real_position="back",
          synthetic_kind=None, seed=0, tokenizer="gpt2", keep_truncated=False, block_size=1024,
-         threads=8, log=print):
+         threads=8, log=print, warn=lambda message: print(message, file=sys.stderr)):
     """Pack one stream into the token file at prefix `out`; returns its summary (also written to
     OUT.json). Before any work is done, a setting it cannot use is a ValueError and an input or
     tokenizer file it cannot open a DataError; bad input found later is a DataError naming file
-    and line."""
+    and line, and so is a synthetic stream none of whose records belongs to a real document. G
+    is needed by every mode but real. Synthetic records whose source is not among the real
+    documents are left out, with one line passed to `warn` (stderr by default); records generated
+    under different settings are packed, with one line too."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
     if mode != "real" and not synthetic:
         raise ValueError(f"mode {mode!r} needs --synthetic records")
+    if mode != "real" and G is None:
+        raise ValueError(f"mode {mode!r} needs --G, the generations per source to use (those with index < G)")
     if real_position not in REAL_POSITIONS:
         raise ValueError(f"unknown real_position {real_position!r} (expected one of {REAL_POSITIONS})")
     if synthetic_kind not in (None,) + SYNTHETIC_KINDS:
         raise ValueError(f"unknown synthetic_kind {synthetic_kind!r} (expected one of {SYNTHETIC_KINDS})")
     for name, value in (("G", G), ("block_size", block_size), ("threads", threads)):
-        if not value >= 1:
+        if value is not None and not value >= 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not os.path.basename(out):
         raise ValueError(f"the output prefix {out!r} names a folder; add a file name (it writes PREFIX.bin, ...)")
@@ -319,7 +329,14 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
     with SegmentStore(file_paths(out)[0] + ".segments.tmp", enc, dtype, threads) as store:
         # synthetic records first: in latent mode their cut points decide how the real documents
         # are tokenized (piece by piece), so the real file is read once, after them
-        syn = read_synthetic(synthetic, kind, G, keep_truncated, store, counts)
+        settings = Counter()
+        syn = read_synthetic(synthetic, kind, G, keep_truncated, store, counts, settings)
+        if len(settings) > 1:   # e.g. a file grown by runs with another model, or several files
+            differ = [name for i, name in enumerate(GENERATION_SETTINGS) if len({s[i] for s in settings}) > 1]
+            warn(f"warning: the {sum(settings.values()):,} usable {kind} records of --synthetic {' '.join(synthetic)} "
+                 f"were generated under {len(settings)} different settings (differing in {', '.join(differ)}; "
+                 f"{', '.join(f'{n:,}' for n in sorted(settings.values(), reverse=True))} records); they are packed "
+                 "together")
         by_source = np.lexsort((syn["cut"], syn["source"]))   # each source's records together, by cut
         sorted_source = syn["source"][by_source]
 
@@ -335,10 +352,19 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
         real_order = np.argsort(real_hash)
         pos = np.minimum(np.searchsorted(real_hash[real_order], syn["source"]), n_real - 1)
         known = real_hash[real_order[pos]] == syn["source"]
+        files = " ".join(synthetic)
+        if mode != "real" and not known.any():   # a stream of real documents only, under a synthetic name
+            unknown = "" if not len(known) else \
+                f"; the source_id of all {len(known):,} of them is not among the {n_real:,} documents of {real_path}"
+            raise DataError(f"--synthetic {files}: no usable record of kind {kind!r} with index < G = {G} "
+                            f"({describe(counts)}){unknown}")
         if not known.all():
             counts["records whose source is not among the real documents, not used"] += int((~known).sum())
             u = int(np.argmin(known))
             counts["first unknown source"] = f"{synthetic[syn['file'][u]]}:{syn['line'][u]}"
+            warn(f"warning: {int((~known).sum()):,} of {len(known):,} usable records of --synthetic {files} have a "
+                 f"source_id that is not among the {n_real:,} documents of {real_path} (the first: "
+                 f"{counts['first unknown source']}); they are left out")
         used = np.nonzero(known)[0]                  # the records that go into the stream
         syn_source = real_order[pos][used]
 
@@ -383,6 +409,13 @@ def pack(real_path, out, mode="real", synthetic=(), G=1, real_position="back",
     return summary
 
 
+def describe(counts):
+    """What became of the synthetic records read, in words: "8 records read, 2 records of another
+    kind (latent), not used, ..."."""
+    return ", ".join(f"{v:,} {k}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items()) \
+        if counts else "no records read"
+
+
 def print_summary(out, s, log=print):
     log(f"packed {out}.bin: mode {s['mode']}" + (f", G = {s['G']}" if s["mode"] != "real" else "") +
         f", {s['documents']:,} documents, {s['tokens']:,} tokens in {s['seconds']:.1f}s")
@@ -398,26 +431,15 @@ def print_summary(out, s, log=print):
         log(f"  {k}: {v}")
 
 
-def fail(message):
-    """Stop with one line "error: ..." on stderr and exit code 2."""
-    print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
-    sys.exit(2)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):   # one line, like every other error of pack.py
-        fail(f"{message} (see python pack.py --help)")
-
-
 def arg_parser():
-    # allow_abbrev=False: an old flag that is a prefix of a new one (--out of --out_prefix) is refused, not taken
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap = cli.ArgumentParser(__doc__, __file__)
     ap.add_argument("--real", required=True, help="real documents, JSONL {id, text}")
     ap.add_argument("--synthetic", nargs="*", default=[], metavar="FILE",
                     help="generate.py output files, JSONL (needed by every mode but real)")
     ap.add_argument("--mode", default="real", choices=MODES,
                     help="the stream: real, shuffled, sorted (megadocs) or latent (see above)")
-    ap.add_argument("--G", type=int, default=1, help="use the generations with index < G of each source (>= 1)")
+    ap.add_argument("--G", type=int, help="use the generations with index < G of each source (>= 1; needed by "
+                                          "every mode but real)")
     ap.add_argument("--real_position", default="back", choices=REAL_POSITIONS,
                     help="sorted: the real document goes at the back or front of its megadoc; "
                          "none drops it (in shuffled too)")
@@ -438,18 +460,18 @@ def arg_parser():
 
 
 def main(argv=None):
-    """Exit codes: 0 packed; 2 bad flags or input (one line "error: ..."); 130 interrupted."""
+    """Exit codes (cli.py): 0 packed; 2 bad flags or input (one line "error: ..."); 130 interrupted."""
     args = arg_parser().parse_args(argv)
     try:
         pack(args.real, args.out_prefix, args.mode, args.synthetic, args.G, args.real_position,
              args.synthetic_kind, args.seed, args.tokenizer, args.keep_truncated, args.block_size, args.threads)
     except (DataError, ValueError) as e:
-        fail(e)
+        cli.fail(e)
     except OSError as e:   # an output that cannot be written (a read-only folder, a full disk)
-        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e)
+        cli.fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e)
     except KeyboardInterrupt:   # pack()'s with blocks have removed the temporary files
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(cli.INTERRUPTED)
 
 
 if __name__ == "__main__":

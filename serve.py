@@ -25,12 +25,11 @@ API (the subset generate.py uses)
 Reads the checkpoint train.py writes (torch.save of {"model": state_dict, "model_config": GPTConfig
 fields, "tokenizer": spec for tokenizer.load_tokenizer}); writes nothing. One request samples at a time
 (the n choices of a request are one batch). A checkpoint that cannot be read, a port in use or a
-device this machine does not have stop it at start with one "error: ..." line (exit code 2).
+device this machine does not have stop it at start with one "error: ..." line (exit code 2, as
+every script's errors: cli.py).
 """
-import argparse
 import json
 import math
-import sys
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+import cli
 from tokenizer import load_tokenizer
 from model import load_model
 
@@ -248,51 +248,32 @@ def make_server(model, enc, bos, host="127.0.0.1", port=8000, name="nanosynth", 
     return srv
 
 
-def check_device(device):
-    """ValueError unless this machine has `device`: found before loading a checkpoint onto it, whose
-    error would blame the checkpoint."""
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
-    try:
-        torch.empty(1, device=device)
-    except Exception as e:  # AssertionError, RuntimeError or NotImplementedError, by device and build
-        raise ValueError(f"--device {device!r} is not available here ({str(e).splitlines()[0][:200]})") from None
-
-
-def fail(message):
-    """Stop with one line on stderr, not a traceback: these are the user's to fix, not bugs."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, even if torch's has many
-    raise SystemExit(2)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 = any free port")
     p.add_argument("--model_name", default="nanosynth", help="the name clients pass as model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device to sample on (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="torch device to sample on: auto (cuda if available, else cpu), "
+                                                   "cpu, cuda, cuda:N, mps, ...")
     p.add_argument("--timeout", type=float, default=JSONHandler.timeout,
                    help="seconds a client may stall mid-request or idle between requests before it is dropped")
     p.add_argument("--quiet", action="store_true", help="do not log every request")
     args = p.parse_args(argv)
     if not args.timeout > 0:
-        p.error("--timeout must be > 0")
-    try:
-        check_device(args.device)
-        model, enc, bos = load_checkpoint(args.ckpt, args.device)
+        p.error(f"--timeout must be > 0, got {args.timeout:g}")
+    try:   # the device first: a checkpoint loaded onto a device this machine lacks would blame the checkpoint
+        device = cli.pick_device(args.device)
+        model, enc, bos = load_checkpoint(args.ckpt, device)
     except (OSError, ValueError) as e:  # a bad --device; a missing, unreadable or foreign checkpoint
-        fail(e)
+        cli.fail(e)
     try:
-        srv = make_server(model, enc, bos, args.host, args.port, args.model_name, args.device, args.quiet,
+        srv = make_server(model, enc, bos, args.host, args.port, args.model_name, device, args.quiet,
                           args.timeout)
     except (OSError, OverflowError) as e:  # port in use or not allowed, unknown host; port > 65535
-        fail(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}")
+        cli.fail(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}")
     print(f"serving {args.ckpt} as model {args.model_name!r} on http://{args.host}:{srv.server_address[1]}/v1 "
-          f"(context {model.config.block_size} tokens, {args.device})", flush=True)
+          f"(context {model.config.block_size} tokens, {device})", flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:

@@ -10,7 +10,9 @@ train.py: the data-constrained training loop of the paper, for one run.
 Reads:  token files written by pack.py (OUT.bin/.idx/.json): --real (training), --synthetic
         (optional), --val (held-out real documents), --long (optional second domain, long documents).
 Writes: OUT_DIR/ckpt.pt (atomically; resumed from automatically), OUT_DIR/log.jsonl (one JSON
-        object per log line and per evaluation), OUT_DIR/summary.json (config + final metrics).
+        object per log line and per evaluation; a resumed run repairs it and appends), and
+        OUT_DIR/summary.json (config, final metrics, and the code that ran: "code" holds the git
+        commit of this checkout and whether its tracked files were modified).
 
 The semantics:
   * The real token file is cut into fixed windows of block_size + 1 tokens (no padding; a document
@@ -19,15 +21,20 @@ The semantics:
     data_seed (separate from the init seed).
   * A fraction `mix` (m) of every batch's sequences comes from the synthetic stream, which repeats
     (reshuffled) when exhausted. Total steps = steps_per_real_epoch x epochs / (1 - m), where a
-    real-only step would take batch_size x grad_accum x world_size real windows.
+    real-only step takes batch_size x grad_accum real windows, on one process or on N (the rule,
+    in one place: Mixture).
   * The data order is a pure function of (data_seed, step), so a resumed run sees exactly the
     batches it would have seen.
+
+Exit codes (cli.py): 0 trained, or already finished; 2 bad settings or files, one line "error: ...";
+1 a bug, with its traceback.
 """
 import argparse
 import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -37,9 +44,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 from evaluate import evaluate_model
-from formats import DataError, TokenFile, atomic_open
-from model import GPT, GPTConfig, MASK_KINDS, PRESETS, document_ids
+from formats import DataError, TokenFile, atomic_open, cut_partial_line, read_jsonl, require
+from model import GPT, GPTConfig, MASK_KINDS, PRESETS, document_ids, read_checkpoint
 
 
 def arg(default, help):
@@ -55,7 +63,7 @@ class TrainConfig:
     val: str = arg("out/data/val", "held-out real documents for the i.i.d. loss (the split you tune on)")
     test: str = arg("", "a second held-out split for final numbers ('' = none)")
     long: str = arg("", "long documents of a second domain, for the loss by position ('' = none)")
-    mix: float = arg(0.0, "m: the fraction of every batch drawn from the synthetic stream, in [0, 1)")
+    mix: float = arg(0.0, "m: the fraction of every batch drawn from the synthetic stream, in [0, 1) (see Mixture)")
     epochs: float = arg(1.0, "passes over the real windows")
     data_seed: int = arg(0, "seed of the data order")
     # model
@@ -109,9 +117,7 @@ def parse_bool(text):
 def load_config(argv=None):
     """Defaults <- --config FILE (JSON) <- --key value flags. A bad file, key or value is a one-line
     error; every value is checked again against the token files by setup()."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
-    ap.error = lambda message: sys.exit(f"error: {message} (see python train.py --help)")   # one line, no usage
+    ap = cli.ArgumentParser(__doc__, __file__)
     ap.add_argument("--config", help="JSON file of TrainConfig values (flags override it)")
     for f in dataclasses.fields(TrainConfig):
         ap.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=None,
@@ -122,8 +128,10 @@ def load_config(argv=None):
         try:
             with open(args.config) as fh:
                 values = json.load(fh)
-        except (OSError, ValueError) as e:
-            ap.error(f"--config {args.config}: {e}")
+        except OSError as e:
+            ap.error(f"--config {args.config}: {e.strerror}")
+        except ValueError as e:
+            ap.error(f"--config {args.config}: not JSON ({e})")
         if not isinstance(values, dict):
             ap.error(f"--config {args.config}: expected a JSON object of TrainConfig values")
         types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
@@ -143,7 +151,7 @@ def check(ok, message):
 
 
 # -----------------------------------------------------------------------------
-# data: windows of the token files, the exact mixing schedule
+# data: windows of the token files, and the mixing rule
 
 class Windows:
     """Fixed windows of block_size + 1 tokens over a token file, in a fresh random order per pass."""
@@ -171,33 +179,54 @@ class Windows:
         return self.tf.tokens[w * self.T: (w + 1) * self.T + 1], self.tf.group_ids(w * self.T, self.T)
 
 
-def global_batch(step, real, syn, n_real, n_syn):
-    """The windows of one step's global batch, as (stream, window number) pairs: n_syn synthetic
-    sequences, then n_real real ones. Step s takes sequences s x n ... s x n + n - 1 of each stream,
-    so the data order is a pure function of (data_seed, step) and a resumed run sees the same batches."""
-    return ([(syn, w) for w in syn.pick(step * n_syn, n_syn)] if n_syn else []) + \
-        [(real, w) for w in real.pick(step * n_real, n_real)]
+class Mixture:
+    """The mixing rule, all of it: which windows make up each step's batch, and how many steps a
+    run takes.
 
+    A step's global batch is B = batch_size x grad_accum sequences, whatever the number of
+    processes: N processes share the grad_accum micro-steps (as nanoGPT does), so grad_accum must
+    be a multiple of N. n_syn = m x B of its sequences come from the synthetic stream (m x B must
+    be a whole number), then n_real = B - n_syn from the real one. Each stream is read in order,
+    step s taking its sequences s x n .. s x n + n - 1 (Windows: a fresh random order of the
+    windows per pass), so the data order is a pure function of (data_seed, step) and a resumed run
+    sees the batches it would have seen. The run ends when the real sequences reach real windows x
+    epochs, in whole steps: steps = floor(real windows x epochs / n_real), i.e. steps per real
+    epoch x epochs / (1 - m). The synthetic stream repeats, reshuffled, as often as that takes.
 
-def batch_split(cfg, world_size):
-    """(real, synthetic) sequences per global batch, and micro-steps per process. The global batch
-    is batch_size x grad_accum sequences whatever the number of processes: N processes share the
-    grad_accum micro-steps (as nanoGPT does), so grad_accum must be a multiple of N. m x the
-    global batch must be a whole number of sequences."""
-    global_batch = cfg.batch_size * cfg.grad_accum
-    check(cfg.grad_accum % world_size == 0, f"grad_accum {cfg.grad_accum} is not a multiple of the {world_size} "
-          "processes: the global batch (batch_size x grad_accum) is shared between them")
-    n_syn = cfg.mix * global_batch
-    check(abs(n_syn - round(n_syn)) < 1e-9, f"mix {cfg.mix} x global batch {global_batch} = {n_syn:g} "
-          "synthetic sequences per batch: choose mix and batch so this is a whole number")
-    n_syn = round(n_syn)
-    return global_batch - n_syn, n_syn, cfg.grad_accum // world_size
+    A schedule over m (m_s at step s) changes this class only: n_syn and n_real become functions
+    of the step (m_s x B and B - m_s x B), each stream's first sequence at step s becomes the sum
+    of its counts over the steps before s (instead of s x n), and steps the first step at which
+    the real sequences reach real windows x epochs. Nothing else in train.py reads m."""
 
+    def __init__(self, cfg, real, synthetic, world_size):
+        B = cfg.batch_size * cfg.grad_accum
+        check(cfg.grad_accum % world_size == 0, f"grad_accum {cfg.grad_accum} is not a multiple of the {world_size} "
+              "processes: the global batch (batch_size x grad_accum) is shared between them")
+        n_syn = cfg.mix * B
+        check(abs(n_syn - round(n_syn)) < 1e-9, f"mix {cfg.mix} x global batch {B} = {n_syn:g} synthetic "
+              "sequences per batch: choose mix and batch so this is a whole number")
+        self.n_syn = round(n_syn)
+        self.n_real = B - self.n_syn
+        self.batch_size, self.world_size, self.micro_steps = cfg.batch_size, world_size, cfg.grad_accum // world_size
+        self.real = Windows(real, cfg.block_size, cfg.data_seed, stream=0)
+        self.syn = Windows(synthetic, cfg.block_size, cfg.data_seed, stream=1) if self.n_syn else None
+        self.steps = int(self.real.n * cfg.epochs) // self.n_real
+        check(self.steps >= 1, f"{self.real.n} real windows x {cfg.epochs:g} epochs make no batch of "
+              f"{self.n_real} real sequences")
 
-def total_steps(n_real_windows, epochs, n_real_per_batch):
-    """steps_per_real_epoch x epochs / (1 - m), as a whole number of steps that never repeats a
-    real window inside a pass: (real windows x epochs) / real sequences per batch, rounded down."""
-    return int(n_real_windows * epochs) // n_real_per_batch
+    def global_batch(self, step):
+        """The windows of one step's global batch, as (stream, window number) pairs: the n_syn
+        synthetic sequences, then the n_real real ones."""
+        return ([(self.syn, w) for w in self.syn.pick(step * self.n_syn, self.n_syn)] if self.n_syn else []) + \
+            [(self.real, w) for w in self.real.pick(step * self.n_real, self.n_real)]
+
+    def micro_batch(self, step, micro, rank):
+        """Tokens (batch_size, block_size + 1) and source-group ids (batch_size, block_size) of one
+        micro-step of one process: micro-step `micro` of process `rank` takes the slice of the
+        global batch that starts at (micro x world_size + rank) x batch_size."""
+        lo = (micro * self.world_size + rank) * self.batch_size
+        rows, groups = zip(*[stream.window(w) for stream, w in self.global_batch(step)[lo: lo + self.batch_size]])
+        return np.stack(rows).astype(np.int64), np.stack(groups)
 
 
 def lr_at(step, steps, cfg):
@@ -221,12 +250,10 @@ def param_groups(model, cfg):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# the state of a run on disk: checkpoint, log, summary, and the code that ran
 
-def save_checkpoint(path, state):
-    """Written atomically: a crash never leaves a half-written checkpoint under the final name."""
-    with atomic_open(path) as f:
-        torch.save(state, f)
+def data_identity(data):
+    return {name: [len(data[name]), len(data[name].starts)] for name in ("real", "synthetic") if name in data}
 
 
 def settings_changed(ckpt, cfg, data):
@@ -240,33 +267,97 @@ def settings_changed(ckpt, cfg, data):
     return "; ".join(changes)
 
 
-def data_identity(data):
-    return {name: [len(data[name]), len(data[name].starts)] for name in ("real", "synthetic") if name in data}
+def checkpoint_to_resume(path, cfg, data):
+    """The checkpoint of this run folder (loaded to the CPU), or None for a fresh start. A file that
+    is not a checkpoint, or one of a run with other settings, is a ValueError naming the file and
+    every difference."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; cannot resume from it: remove it to start the run again, or use another --out_dir")
+    changed = settings_changed(ckpt, cfg, data)
+    if changed:
+        raise ValueError(f"{path} belongs to a run with other settings ({changed}); use another --out_dir, or the "
+                         "same settings to resume it")
+    return ckpt
 
 
-def rewrite_log(path, last_step):
-    """Keep the log lines of steps <= last_step: a resumed run appends from there without repeats."""
+def resume(ckpt, model, optimizer):
+    """Put the model, the optimizer and torch's RNG where the checkpoint left them; returns the
+    training state (step, train_seconds, train_loss, metrics, codes): that of step 0 without one."""
+    if ckpt is None:
+        return dict(step=0, train_seconds=0.0, train_loss=float("nan"), metrics={}, codes=[])
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return dict(step=ckpt["step"], train_seconds=ckpt["train_seconds"], train_loss=ckpt["train_loss"],
+                metrics=ckpt["metrics"], codes=ckpt.get("codes", []))
+
+
+def checkpoint(cfg, model_cfg, data, model, optimizer, state, tokenizer):
+    """Everything a resumed run needs, and load_model too: weights, optimizer, config, data identity,
+    training state and the CPU RNG."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state["step"],
+            "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
+            "data": data_identity(data), "tokenizer": tokenizer, "metrics": state["metrics"],
+            "train_loss": state["train_loss"], "train_seconds": state["train_seconds"], "codes": state["codes"],
+            "torch_rng": torch.get_rng_state()}
+
+
+def save_checkpoint(path, state):
+    """Written atomically: a crash never leaves a half-written checkpoint under the final name."""
+    with atomic_open(path) as f:
+        torch.save(state, f)
+
+
+def repair_log(path, last_step):
+    """Make the log end at last_step, where the run goes on from (0 for a fresh start): a partial
+    last line left by a crash, a full disk or a power cut is cut off, and the lines of later steps
+    (logged after the checkpoint it resumes from) are dropped, so that the run appends without
+    gaps or repeats."""
+    removed = cut_partial_line(path)
+    if removed:
+        print(f"{path}: removed a partial last line ({removed} bytes) left by an interrupted run", file=sys.stderr)
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with atomic_open(path, "w") as f:
-        f.writelines(keep)
+    lines = list(read_jsonl(path))
+    keep = [json.dumps(r) + "\n" for lineno, r in lines if require(r, "step", (int,), f"{path}:{lineno}") <= last_step]
+    if len(keep) < len(lines):
+        with atomic_open(path, "w") as f:
+            f.writelines(keep)
 
 
-def pick_device(name):
-    """The device to train on: auto (cuda if there is one), cpu, cuda or cuda:N."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def code_version():
+    """The code this process runs: {"commit": the git commit of the checkout train.py is in,
+    "modified": whether its tracked files differ from that commit}; None for both outside a git
+    checkout (or without git)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=30)
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"device {name!r} is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: train.py runs on cpu or cuda")
-    return name
+        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "modified": None}
+    if commit.returncode or status.returncode:
+        return {"commit": None, "modified": None}
+    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
+
+
+def codes_with_this_one(codes, log):
+    """The code versions (code_version) a run has run under, this process's last; a run resumed
+    under other code says so."""
+    code = code_version()
+    if codes and codes[-1] != code:
+        log(f"note: this run was begun under other code ({codes[-1]}); it goes on under {code}")
+    return codes if codes[-1:] == [code] else codes + [code]
+
+
+def train_device(name):
+    """--device as cli.pick_device reads it; train.py runs on cpu or cuda."""
+    device = cli.pick_device(name)
+    check(device.split(":")[0] in ("cpu", "cuda"), f"--device {name!r}: train.py runs on cpu or cuda")
+    return device
 
 
 # -----------------------------------------------------------------------------
@@ -312,89 +403,65 @@ def setup(cfg):
 
 def main(argv=None):
     cfg = load_config(argv)
-    try:
-        device = pick_device(cfg.device)
+    ddp = int(os.environ.get("RANK", -1)) != -1   # started by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    ckpt_path, log_path, summary_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "log.jsonl", "summary.json"))
+    try:   # every check of the settings and files, before any work
+        device = train_device(cfg.device)
         data, model_cfg, bos_id = setup(cfg)
+        mix = Mixture(cfg, data["real"], data.get("synthetic"), world)
+        ckpt = checkpoint_to_resume(ckpt_path, cfg, data)
+        if master:
+            repair_log(log_path, ckpt["step"] if ckpt else 0)
     except (ValueError, DataError) as e:
-        sys.exit(f"error: {e}")
+        cli.fail(e)
+    log = print if master else (lambda *a, **k: None)
+    if ckpt and ckpt["step"] == mix.steps and os.path.exists(summary_path):
+        log(f"{cfg.out_dir}: this run is already finished (see {summary_path})")
+        return
 
-    ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-
-    try:
-        n_real, n_syn, micro_steps = batch_split(cfg, world)
-        real = Windows(data["real"], cfg.block_size, cfg.data_seed, stream=0)
-        syn = Windows(data["synthetic"], cfg.block_size, cfg.data_seed, stream=1) if n_syn else None
-        steps = total_steps(real.n, cfg.epochs, n_real)
-        check(steps >= 1, f"{real.n} real windows x {cfg.epochs:g} epochs make no batch of {n_real} real sequences")
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-
-    def get_batch(step, micro):
-        """Inputs, targets and source-group ids of one micro-batch of this process: micro-step
-        `micro` of process `rank` takes the slice of the global batch that starts at
-        (micro x world + rank) x batch_size."""
-        lo = (micro * world + rank) * cfg.batch_size
-        rows, groups = zip(*[stream.window(w) for stream, w in
-                             global_batch(step, real, syn, n_real, n_syn)[lo: lo + cfg.batch_size]])
-        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
-        x, y, g = tokens[:, :-1], tokens[:, 1:], torch.from_numpy(np.stack(groups))
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), g.to(device, non_blocking=True)
 
     torch.manual_seed(cfg.init_seed)
     model = GPT(model_cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   fused=True)   # one fused kernel; on CPU too: several times faster than the loop
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, log_path, summary_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "log.jsonl", "summary.json"))
-    step, train_seconds, loss_sum, metrics = 0, 0.0, float("nan"), {}
-    if os.path.exists(ckpt_path):
-        try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except Exception as e:   # a file that is not a checkpoint of ours
-            sys.exit(f"error: {ckpt_path}: cannot resume from it ({type(e).__name__}: {str(e)[:200]})")
-        changed = settings_changed(ckpt, cfg, data)
-        if changed:
-            sys.exit(f"error: {ckpt_path} belongs to a run with other settings ({changed}); "
-                     "use another --out_dir, or the same settings to resume it")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        step, train_seconds, loss_sum, metrics = ckpt["step"], ckpt["train_seconds"], ckpt["train_loss"], ckpt["metrics"]
-        if master:
-            rewrite_log(log_path, step)
-        if step == steps and os.path.exists(summary_path):
-            log(f"{cfg.out_dir}: this run is already finished (see {summary_path})")
-            return
-        log(f"resuming from {ckpt_path} at step {step}")
+    state = resume(ckpt, model, optimizer)
+    del ckpt
+    if master:
+        state["codes"] = codes_with_this_one(state["codes"], log)
+    if state["step"]:
+        log(f"resuming from {ckpt_path} at step {state['step']}")
     train_model = torch.compile(model) if cfg.compile else model
     if ddp:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
     tokenizer = data["real"].meta.get("tokenizer", "gpt2")
 
+    def evaluate():
+        return evaluate_model(model, data["val"], data.get("test"), data.get("long"), cfg.mask, cfg.eval_batch_size,
+                              device, ctx, train=data["real"] if cfg.eval_train else None)
+
+    steps, micro_steps = mix.steps, mix.micro_steps
     log(f"model {cfg.model}: {model.num_params():,} parameters (vocabulary {model_cfg.vocab_size}, "
         f"context {cfg.block_size}), mask {cfg.mask}, device {device}, {world} process(es)")
-    log(f"data: {real.n:,} real windows x {cfg.epochs:g} epochs, mix {cfg.mix:g}: {n_real} real + {n_syn} "
-        f"synthetic sequences per batch of {n_real + n_syn}, {steps:,} steps")
-
+    log(f"data: {mix.real.n:,} real windows x {cfg.epochs:g} epochs, mix {cfg.mix:g}: {mix.n_real} real + "
+        f"{mix.n_syn} synthetic sequences per batch of {mix.n_real + mix.n_syn}, {steps:,} steps")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
     log_file = open(log_path, "a") if master else None
     def record(obj):
         if master:
             log_file.write(json.dumps(obj) + "\n")
             log_file.flush()
 
-    tokens_per_step = (n_real + n_syn) * cfg.block_size
-    start_step = step
+    tokens_per_step = (mix.n_real + mix.n_syn) * cfg.block_size
+    step, start_step, segment_seconds = state["step"], state["step"], 0.0   # this segment: since the (re)start
     while step < steps:
         t0 = time.time()
         lr = lr_at(step, steps, cfg)
@@ -404,7 +471,8 @@ def main(argv=None):
         # forward and backward over this process's micro-batches, then one optimizer step
         loss_sum = 0.0
         for micro in range(micro_steps):
-            x, y, groups = get_batch(step, micro)
+            tokens, groups = (torch.from_numpy(a).to(device, non_blocking=True) for a in mix.micro_batch(step, micro, rank))
+            x, y = tokens[:, :-1], tokens[:, 1:]
             sync = nullcontext() if (not ddp or micro == micro_steps - 1) else train_model.no_sync()
             with sync, ctx:
                 _, loss = train_model(x, y, doc_ids=document_ids(x, bos_id), group_ids=groups, mask_kind=cfg.mask)
@@ -418,39 +486,38 @@ def main(argv=None):
             dist.all_reduce(loss_t)
             loss_sum = loss_t.item() / world
         step += 1
-        train_seconds += time.time() - t0   # loss.item() waited for the device: this time is honest
+        dt = time.time() - t0   # loss.item() waited for the device: this time is honest
+        segment_seconds += dt
+        state.update(step=step, train_loss=loss_sum, train_seconds=state["train_seconds"] + dt)
 
         if step % cfg.log_interval == 0 or step == steps:
-            tok_s = (step - start_step) * tokens_per_step / train_seconds if step > start_step else 0.0
-            eta = (steps - step) * train_seconds / max(step, 1)
+            tok_s = (step - start_step) * tokens_per_step / segment_seconds
+            eta = (steps - step) * segment_seconds / (step - start_step)
             log(f"step {step:>6}/{steps} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                 f"eta {eta / 60:.1f} min")
             record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s})
         if master and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == steps):
-            metrics = evaluate_model(model, data["val"], data.get("test"), data.get("long"), cfg.mask,
-                                     cfg.eval_batch_size, device, ctx, train=data["real"] if cfg.eval_train else None)
-            log(f"eval step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()
+            state["metrics"] = evaluate()
+            log(f"eval step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in state["metrics"].items()
                                                   if isinstance(v, float)))
-            record({"step": step, **metrics})
+            record({"step": step, **state["metrics"]})
         if master and (step % cfg.ckpt_interval == 0 or step == steps or step == cfg.halt_at):
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
-                "data": data_identity(data), "tokenizer": tokenizer, "metrics": metrics, "train_loss": loss_sum,
-                "train_seconds": train_seconds, "torch_rng": torch.get_rng_state()})
+            save_checkpoint(ckpt_path, checkpoint(cfg, model_cfg, data, model, optimizer, state, tokenizer))
         if step == cfg.halt_at:
             log(f"halting at step {step} (halt_at)")
             break
 
     if master and step == steps:
-        if not metrics:   # finished before a crash that came between the last checkpoint and the summary
-            metrics = evaluate_model(model, data["val"], data.get("test"), data.get("long"), cfg.mask,
-                                     cfg.eval_batch_size, device, ctx, train=data["real"] if cfg.eval_train else None)
+        if not state["metrics"]:   # finished before a crash that came between the last checkpoint and the summary
+            state["metrics"] = evaluate()
         summary = {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
-                   "params": model.num_params(), "steps": steps, "real_windows": real.n,
-                   "real_sequences_seen": steps * n_real, "synthetic_sequences_seen": steps * n_syn,
-                   "real_tokens": len(data["real"]), "final_train_loss": loss_sum, **metrics,
-                   "train_seconds": train_seconds, "tokens_per_s": steps * tokens_per_step / max(train_seconds, 1e-9)}
+                   "params": model.num_params(), "steps": steps, "real_windows": mix.real.n,
+                   "real_sequences_seen": steps * mix.n_real, "synthetic_sequences_seen": steps * mix.n_syn,
+                   "real_tokens": len(data["real"]), "final_train_loss": state["train_loss"], **state["metrics"],
+                   "train_seconds": state["train_seconds"],
+                   "tokens_per_s": steps * tokens_per_step / max(state["train_seconds"], 1e-9),
+                   "code": state["codes"][-1],
+                   **({"code_of_earlier_segments": state["codes"][:-1]} if len(state["codes"]) > 1 else {})}
         with atomic_open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
     if ddp:

@@ -22,6 +22,7 @@ from http.server import ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 from serve import JSONHandler  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def serve(latency):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    p = cli.ArgumentParser(__doc__.split("\n\n")[1], __file__)
     p.add_argument("--requests", type=int, default=1600)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--latency", type=float, default=0.1, help="seconds the server takes per request")

@@ -35,7 +35,6 @@ this row's, "of mm" the row's GFLOP/s over the torch.mm figure.
 Reads and writes no files (torch.compile writes its own cache).
 """
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -47,9 +46,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 from model import GPT, GPTConfig, MASK_KINDS, document_ids  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = cli.ArgumentParser(__doc__.split("\n\n")[0], __file__)
 parser.add_argument("--n_layer", type=int, default=4)
 parser.add_argument("--n_embd", type=int, default=256)
 parser.add_argument("--n_head", type=int, default=4)

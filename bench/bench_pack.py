@@ -11,7 +11,6 @@ Builds inputs by repeating sample_data/train.jsonl with fresh ids (in a temporar
      growth for 4x input.
 Prints a table; writes nothing outside the temporary folder.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 import pack  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -47,7 +47,7 @@ def peak_rss_mb(real, out, threads):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(__doc__, __file__)
     ap.add_argument("--sizes", type=float, nargs=2, default=[50, 200], help="input sizes in MB")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--trials", type=int, default=3, help="alternating timed runs of each; the best counts")

@@ -14,7 +14,6 @@ is what train.py adds around the model. Goal: under 5% of the step. The two are 
 --repeats times and each keeps its best: on these shared machines one timing of a few seconds
 varies by several percent, more than the difference being measured.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -28,6 +27,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 import pack  # noqa: E402
 import train  # noqa: E402
 from formats import TokenFile  # noqa: E402
@@ -62,7 +62,7 @@ def bare_step_seconds(model_cfg, cfg, tf, mask, steps):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(__doc__, __file__)
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "cpu_demo.json"))
     ap.add_argument("--steps", type=int, default=100, help="training steps per timing")
     ap.add_argument("--repeats", type=int, default=3, help="timings of each side, in turn; the best counts")

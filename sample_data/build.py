@@ -13,7 +13,6 @@ Writes: sample_data/train.jsonl  Jargon File lexicon entries for training      {
 The split is a hash of the entry's id, so it is stable whatever order the entries come in, and no
 validation entry can reach training. The output is byte-identical from run to run.
 """
-import argparse
 import glob
 import gzip
 import hashlib
@@ -21,10 +20,13 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import cli  # noqa: E402
 VAL_PERCENT = 10            # ~10% of the ~2,300 entries: ~230 held-out documents
 LONG_DOC_BYTES = (12_000, 40_000)  # documentation pages of ~3k-10k GPT-2 tokens each
 LONG_DOC_DIRS = ("howto", "tutorial", "faq", "library")
@@ -72,7 +74,7 @@ def write_jsonl(path, rows):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(__doc__, __file__)
     ap.add_argument("--debs", help="folder holding the two .deb files (default: apt-get download them)")
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args()
@@ -82,7 +84,7 @@ def main():
         for pattern in ("jargon-text_*.deb", "python3.11-doc_*.deb"):
             found = sorted(glob.glob(os.path.join(debs, pattern)))
             if not found:
-                raise SystemExit(f"error: no {pattern} in {debs}")
+                cli.fail(f"--debs {debs}: no {pattern} there")
             extract(found[-1], os.path.join(tmp, "root"))
         doc = os.path.join(tmp, "root", "usr", "share", "doc")
 

@@ -24,7 +24,6 @@ The server finds the answer for a request from its seed: generate.py derives one
 (source_id, kind, index) with request_seed(), so the seed names the generation. It checks that
 the prompt holds the source document (or, for a thought, the text on both sides of its cut).
 """
-import argparse
 import glob
 import json
 import os
@@ -36,6 +35,7 @@ from http.server import ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import cli  # noqa: E402
 import generate  # noqa: E402
 from serve import JSONHandler  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -52,7 +52,7 @@ def read_blocks(pattern):
         for m in re.finditer(r"^=== (\S+) (\d+)\n(.*?)(?=^=== |\Z)", text, flags=re.M | re.S):
             key = (m[1], int(m[2]))
             if key in answers:
-                raise SystemExit(f"{path}: {key} written twice")
+                cli.fail(f"{path}: {key} written twice")
             answers[key] = m[3].strip()
     return answers
 
@@ -98,7 +98,7 @@ def rebuild(kind, documents, enc):
         G_of[sid] = max(G_of.get(sid, 0), index + 1)
     missing = [(sid, i) for sid, G in G_of.items() for i in range(G) if (sid, i) not in answers]
     if missing:
-        raise SystemExit(f"{kind}: no written text for {missing[:5]}")
+        cli.fail(f"{kind}: no written text for {missing[:5]}")
     out = os.path.join(HERE, "synthetic", f"{kind}.jsonl")
     if os.path.exists(out):
         os.remove(out)
@@ -135,7 +135,7 @@ def dump_requests(kind, G, ids, out_path, documents, enc):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(__doc__, __file__)
     ap.add_argument("--requests", choices=KINDS, help="write the requests of this kind instead of rebuilding")
     ap.add_argument("--G", type=int, default=1, help="with --requests: generations per source")
     ap.add_argument("--ids", help="with --requests: a file of source ids, one per line")

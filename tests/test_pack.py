@@ -1,6 +1,6 @@
 """pack.py: exact token ids, exact document order for every mode, token file round trips, bad input,
-the command line (underscore flags, one-line errors) and clean failures (no temporary file left, a
-token file already at the prefix untouched, also on Ctrl-C). About 15 s on 2 cores."""
+synthetic records that belong to no real document, one-line errors and clean failures (no temporary
+file left, a token file already at the prefix untouched, also on Ctrl-C). About 15 s on 2 cores."""
 import glob
 import hashlib
 import json
@@ -16,6 +16,7 @@ import pytest
 
 import pack
 from formats import DataError, KINDS, TokenFile, read_jsonl
+from support import assert_error
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +194,7 @@ def test_old_rule_thoughts_refused(tmp_path, corpus, capfd):
         pack.main(["--real", corpus[0], "--synthetic", old, "--mode", "latent", "--G", "2",
                    "--out_prefix", str(tmp_path / "o")])
     err = capfd.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and "old.jsonl:1" in err
+    assert_error(e.value.code, err, "old.jsonl:1")
     assert not glob.glob(str(tmp_path / "o.*"))
 
 
@@ -213,6 +214,7 @@ def test_windows_with_repeated_source():
 
 @pytest.mark.parametrize("line,message", [
     ('{"id": "q", "text": "ok"', "malformed JSON"),
+    ('{"id": "q", "text": "ok', r"malformed JSON \(Invalid control character at column 24\)"),   # not "at at"
     ('{"id": "q"}', "field 'text' must be str, got missing"),
     ('["not", "an", "object"]', "expected a JSON object"),
     ('{"id": "a", "text": "again"}', "duplicate document id"),
@@ -333,47 +335,11 @@ def cli(*args, wait=True):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def assert_one_line_error(r, message):
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
-    assert message in r.stderr, r.stderr
-
-
-FLAGS = {"--real", "--synthetic", "--mode", "--G", "--real_position", "--synthetic_kind", "--keep_truncated",
-         "--seed", "--tokenizer", "--block_size", "--threads", "--out_prefix"}
-
-
-def test_help_underscore_flags_each_with_help(capsys):
-    actions = [a for a in pack.arg_parser()._actions if a.option_strings != ["-h", "--help"]]
-    assert {o for a in actions for o in a.option_strings} == FLAGS
-    for a in actions:
-        assert a.help and len(a.option_strings) == 1, a.option_strings
-        for choice in a.choices or []:
-            assert choice in a.help, (a.option_strings, choice)   # the choices are explained in words too
-    with pytest.raises(SystemExit) as e:
-        pack.main(["--help"])
-    text = capsys.readouterr().out
-    assert e.value.code == 0
-    # the docstring's usage examples print as written: a line continued with a backslash, new flag names
-    assert "synthetic/rephrase.jsonl \\\n        --mode sorted --G 4 --out_prefix out/data/sorted" in text
-    assert "--mode sorted --real_position front" in text
-    assert not [w for w in text.split() if w.startswith("--") and "-" in w[2:]]   # no hyphenated flag anywhere
-
-
-@pytest.mark.parametrize("old", [["--out", "o"], ["--context", "64"], ["--real-position", "front"],
-                                 ["--synthetic-kind", "rephrase"], ["--keep-truncated"]])
-def test_old_flag_spellings_refused(tmp_path, corpus, old):
-    r = cli("--real", corpus[0], "--out_prefix", tmp_path / "o", *old)
-    assert_one_line_error(r, "unrecognized arguments: " + old[0])
-    assert sorted(os.listdir(tmp_path)) == ["real.jsonl", "synth.jsonl"]
-
-
 def test_cli_packs_with_every_flag(tmp_path, corpus):
     r = cli("--real", corpus[0], "--synthetic", corpus[1], "--mode", "sorted", "--G", 2, "--real_position", "front",
             "--synthetic_kind", "rephrase", "--keep_truncated", "--seed", 3, "--tokenizer", "gpt2",
             "--block_size", 16, "--threads", 1, "--out_prefix", tmp_path / "out" / "s")
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.returncode == 0 and r.stderr.startswith("warning: ") and r.stderr.count("\n") == 1, r.stderr  # z's record
     assert "windows of block_size 16 holding 2+ documents of one source" in r.stdout
     meta = TokenFile(str(tmp_path / "out" / "s")).meta
     assert meta["block_size"] == 16 and "context" not in meta
@@ -384,7 +350,23 @@ def test_cli_packs_with_every_flag(tmp_path, corpus):
 
 def test_cli_bad_input_is_one_line_error(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
-    assert_one_line_error(cli("--real", path, "--out_prefix", tmp_path / "o"), f"error: {path}:1: malformed JSON")
+    r = cli("--real", path, "--out_prefix", tmp_path / "o")
+    assert_error(r.returncode, r.stderr, f"{path}:1:")
+
+
+def test_synthetic_records_of_no_real_document(tmp_path, corpus):
+    # none of the records belongs to a real document, or none is of the kind asked for: an error, not
+    # a "sorted" stream of real documents only
+    others = write_jsonl(tmp_path / "others.jsonl", [{"id": "x", "text": "Xray."}, {"id": "y", "text": "Yankee."}])
+    latent_only = write_jsonl(tmp_path / "latent_only.jsonl", SYNTH[-2:])
+    for real, syn, mode in ((others, corpus[1], "sorted"), (corpus[0], latent_only, "shuffled")):
+        r = cli("--real", real, "--synthetic", syn, "--mode", mode, "--G", 2, "--out_prefix", tmp_path / "new" / "o")
+        assert_error(r.returncode, r.stderr, f"--synthetic {syn}")
+        assert not glob.glob(str(tmp_path / "new" / "*"))   # no token file, no temporary file
+    # some do not (z's): one warning line with the counts and the first such record, and the stream is made
+    r = cli("--real", corpus[0], "--synthetic", corpus[1], "--mode", "sorted", "--G", 2, "--out_prefix", tmp_path / "s")
+    assert r.returncode == 0 and r.stderr.startswith("warning: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "1 of 4 " in r.stderr and f"{corpus[1]}:6" in r.stderr and corpus[0] in r.stderr
 
 
 def sample_records(n_chars):
@@ -398,18 +380,29 @@ def sample_records(n_chars):
     return out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--block_size", "0"], "error: block_size must be >= 1, got 0"),
-    (["--block_size", "-5"], "error: block_size must be >= 1, got -5"),
-    (["--G", "0"], "error: G must be >= 1, got 0"),
-    (["--threads", "0"], "error: threads must be >= 1, got 0"),
-    (["--mode", "sorted"], "error: mode 'sorted' needs --synthetic records"),
-    (["--mode", "packed"], "error: argument --mode: invalid choice: 'packed'"),
-    (["--G", "two"], "error: argument --G: invalid int value: 'two'"),
+def test_records_made_under_other_settings_are_said_to_be(tmp_path, corpus):
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [dict(r, model="m1" if r["source_id"] == "a" else "m2", seed=0)
+                                                   for r in SYNTH])
+    r = cli("--real", corpus[0], "--synthetic", mixed, "--mode", "sorted", "--G", 2, "--out_prefix", tmp_path / "o")
+    warnings = [line for line in r.stderr.splitlines() if "different settings" in line]
+    assert r.returncode == 0 and len(warnings) == 1 and warnings[0].startswith("warning: "), r.stderr
+    assert "(differing in model;" in warnings[0] and "2, 2 records" in warnings[0]   # a0, a1 | b0, z0
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--block_size", "0"], ["block_size", "0"]),
+    (["--block_size", "-5"], ["block_size", "-5"]),
+    (["--G", "0"], ["G", "0"]),
+    (["--threads", "0"], ["threads", "0"]),
+    (["--mode", "sorted"], ["--synthetic"]),
+    (["--mode", "sorted", "--synthetic", "SYNTH"], ["--G"]),   # forgetting --G is not a megadoc of one rephrase
+    (["--mode", "packed"], ["--mode", "'packed'"]),
+    (["--G", "two"], ["--G", "'two'"]),
 ])
-def test_bad_settings_fail_before_any_work(tmp_path, corpus, args, message):
+def test_bad_settings_fail_before_any_work(tmp_path, corpus, args, named):
+    args = [corpus[1] if a == "SYNTH" else a for a in args]
     r = cli("--real", corpus[0], "--out_prefix", tmp_path / "new" / "o", *args)
-    assert_one_line_error(r, message)
+    assert_error(r.returncode, r.stderr, *named)
     assert not os.path.exists(tmp_path / "new")   # not even the output folder was made
 
 
@@ -417,10 +410,10 @@ def test_bad_settings_fail_before_any_work(tmp_path, corpus, args, message):
     (dict(block_size=0), "block_size must be >= 1"), (dict(block_size=-1), "block_size must be >= 1"),
     (dict(G=0), "G must be >= 1"), (dict(threads=0), "threads must be >= 1"),
     (dict(synthetic_kind="poem"), "unknown synthetic_kind 'poem'"), (dict(mode="packed"), "unknown mode 'packed'"),
-    (dict(real_position="middle"), "unknown real_position 'middle'"),
+    (dict(real_position="middle"), "unknown real_position 'middle'"), (dict(G=None), "needs --G"),
 ])
 def test_pack_refuses_bad_settings(tmp_path, corpus, kw, message):
-    kw = {"mode": "sorted", **kw}
+    kw = {"mode": "sorted", "G": 2, **kw}
     with pytest.raises(ValueError, match=message):
         pack.pack(corpus[0], str(tmp_path / "new" / "o"), synthetic=[corpus[1]], log=lambda *a: None, **kw)
     assert not os.path.exists(tmp_path / "new")
@@ -428,7 +421,7 @@ def test_pack_refuses_bad_settings(tmp_path, corpus, kw, message):
 
 def test_out_prefix_must_name_a_file(tmp_path, corpus):
     r = cli("--real", corpus[0], "--out_prefix", str(tmp_path / "new") + os.sep)
-    assert_one_line_error(r, "names a folder")
+    assert_error(r.returncode, r.stderr, str(tmp_path / "new") + os.sep)
     assert not os.path.exists(tmp_path / "new")
 
 
@@ -437,25 +430,26 @@ def test_file_errors_are_one_line(tmp_path, corpus):
     bad.write_bytes(json.dumps(SYNTH[0]).encode() + b"\n" + '{"id": "b", "text": "caf\u00e9"}\n'.encode("latin-1"))
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     real, syn, out = corpus[0], corpus[1], tmp_path / "o"
-    cases = [
-        (["--real", tmp_path / "nope.jsonl"], f"error: --real {tmp_path / 'nope.jsonl'}: No such file or directory"),
-        (["--real", tmp_path], f"error: --real {tmp_path}: Is a directory"),
-        (["--real", real, "--mode", "sorted", "--synthetic", tmp_path], f"error: --synthetic {tmp_path}: Is a directory"),
-        (["--real", real, "--mode", "sorted", "--synthetic", syn, tmp_path / "nope.jsonl"],
-         f"error: --synthetic {tmp_path / 'nope.jsonl'}: No such file or directory"),
-        (["--real", bad], f"error: {bad}:2: not UTF-8 text (byte 0xe9 at byte 25 of the line)"),
-        (["--real", real, "--mode", "sorted", "--synthetic", bad], f"error: {bad}:2: not UTF-8 text"),
-        (["--real", empty], f"error: {empty}: no documents"),
-        (["--real", real, "--tokenizer", tmp_path / "no.tiktoken"],
-         f"error: --tokenizer {tmp_path / 'no.tiktoken'}: tokenizer ranks file not found"),
-        (["--real", real, "--tokenizer", tmp_path], f"error: --tokenizer {tmp_path}: Is a directory"),
+    cases = [   # the arguments, and what the error line must name
+        (["--real", tmp_path / "nope.jsonl"], [f"--real {tmp_path / 'nope.jsonl'}", "No such file"]),
+        (["--real", tmp_path], [f"--real {tmp_path}", "directory"]),
+        (["--real", real, "--mode", "sorted", "--G", 2, "--synthetic", tmp_path], [f"--synthetic {tmp_path}"]),
+        (["--real", real, "--mode", "sorted", "--G", 2, "--synthetic", syn, tmp_path / "nope.jsonl"],
+         [f"--synthetic {tmp_path / 'nope.jsonl'}"]),
+        (["--real", bad], [f"{bad}:2:", "UTF-8"]),
+        (["--real", real, "--mode", "sorted", "--G", 2, "--synthetic", bad], [f"{bad}:2:", "UTF-8"]),
+        (["--real", empty], [empty]),
+        (["--real", real, "--tokenizer", tmp_path / "no.tiktoken"], [f"--tokenizer {tmp_path / 'no.tiktoken'}"]),
+        (["--real", real, "--tokenizer", tmp_path], [f"--tokenizer {tmp_path}"]),
     ]
     before = snapshot(tmp_path)
-    for args, message in cases:
-        assert_one_line_error(cli(*args, "--out_prefix", out), message)
+    for args, named in cases:
+        r = cli(*args, "--out_prefix", out)
+        assert_error(r.returncode, r.stderr, *named)
         assert snapshot(tmp_path) == before, args
     # an output folder that cannot be made
-    assert_one_line_error(cli("--real", real, "--out_prefix", bad / "sub" / "o"), f"error: {bad / 'sub'}: Not a directory")
+    r = cli("--real", real, "--out_prefix", bad / "sub" / "o")
+    assert_error(r.returncode, r.stderr, bad / "sub")
     assert snapshot(tmp_path) == before
 
 
@@ -464,8 +458,9 @@ def test_malformed_line_late_in_synthetic_leaves_no_trace(tmp_path, corpus, old_
     records = [{"id": r["id"] + "/rephrase/0", "source_id": r["id"], "kind": "rephrase", "index": 0, "text": r["text"]}
                for r in sample_records(6e6)]
     syn = write_jsonl(tmp_path / "big.jsonl", records + ['{"id": "late", "text": '])
-    r = cli("--real", corpus[0], "--synthetic", syn, "--mode", "sorted", "--threads", 2, "--out_prefix", old_pack[0])
-    assert_one_line_error(r, f"{syn}:{len(records) + 1}: malformed JSON")
+    r = cli("--real", corpus[0], "--synthetic", syn, "--mode", "sorted", "--G", 1, "--threads", 2,
+            "--out_prefix", old_pack[0])
+    assert_error(r.returncode, r.stderr, f"{syn}:{len(records) + 1}:")
     assert snapshot(tmp_path / "out") == old_pack[1]   # no *.tmp, the old token file byte for byte
 
 

@@ -1,5 +1,7 @@
-"""evaluate.py and sweep.py: fits, data efficiency, ensembles, one-line errors; a tiny pack -> train
--> sweep -> evaluate pipeline."""
+"""evaluate.py and sweep.py: fits, data efficiency, ensembles, statistics over seeds, one-line errors;
+a tiny pack -> train -> sweep -> evaluate pipeline, whose sweep passes on exactly what it does not
+sweep."""
+import glob
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import pytest
 
 import evaluate
 import pack
+from support import assert_error
 import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +58,9 @@ def test_local_optimum():
 
 
 def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
-    """pack real + sorted megadocs -> a 2x1 sweep of train.py runs -> ensemble evaluation."""
+    """pack real + sorted megadocs -> a sweep over m of two train.py runs, which sets m and passes
+    every other setting on as given (lr from a --config file, weight decay and epochs as flags) ->
+    ensemble evaluation."""
     train_rows = [json.loads(l) for l in open(os.path.join(ROOT, "sample_data", "train.jsonl"))]
     synth = [json.loads(l) for l in open(os.path.join(SYNTH, "rephrase.jsonl"))]
     sources = sorted({r["source_id"] for r in synth})[:30]
@@ -70,25 +75,31 @@ def test_tiny_pipeline_pack_train_sweep_evaluate(tmp_path):
                   tokenizer="gpt2:512", log=quiet)
     assert s["per_kind"]["rephrase"]["documents"] == 60 and s["per_kind"]["real"]["documents"] == 30
 
-    argv = ["--out_dir", f"{d}/sweep", "--epochs", "1", "--mix", "0", "0.5", "--", *TINY,
-            "--real", f"{d}/real", "--synthetic", f"{d}/sorted", "--val", f"{d}/val"]
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.002}))
+    argv = ["--out_dir", f"{d}/sweep", "--mix", "0", "0.5", "--", *TINY, "--config", f"{d}/config.json",
+            "--epochs", "1", "--weight_decay", "0.3", "--real", f"{d}/real", "--synthetic", f"{d}/sorted",
+            "--val", f"{d}/val"]
     sweep.main(argv)
     table = open(f"{d}/sweep/sweep.md").read()
     assert "best: " in table and "mix = " in table   # a 2-point grid: the best is on its edge
-    summaries = {m: json.load(open(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=m, weight_decay=0.1, lr=3e-3))}/summary.json"))
-                 for m in (0, 0.5)}
+    assert f"code: {json.load(open(f'{d}/sweep/mix0/summary.json'))['code']['commit']}" in table
+    # found by what they ran, not by name: each run has its m, and everything else as given
+    summaries = {s["config"]["mix"]: s for s in map(json.load, map(open, glob.glob(f"{d}/sweep/*/summary.json")))}
+    assert {m: (s["config"]["lr"], s["config"]["weight_decay"], s["config"]["epochs"], s["config"]["synthetic"])
+            for m, s in summaries.items()} == {0: (0.002, 0.3, 1.0, ""), 0.5: (0.002, 0.3, 1.0, f"{d}/sorted")}
+    assert sorted(os.listdir(f"{d}/sweep")) == ["mix0", "mix0.5", "sweep.md"]   # named by what was swept
     windows = summaries[0]["real_windows"]
     assert (summaries[0]["steps"], summaries[0.5]["steps"]) == (windows // 4, windows // 2)  # 4 vs 2 real per batch
     assert summaries[0.5]["synthetic_sequences_seen"] == summaries[0.5]["real_sequences_seen"]
-    mtime = os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/summary.json")
+    mtime = os.path.getmtime(f"{d}/sweep/mix0/summary.json")
     sweep.main(argv)                                                      # finished runs are skipped
-    assert os.path.getmtime(f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/summary.json") == mtime
+    assert os.path.getmtime(f"{d}/sweep/mix0/summary.json") == mtime
 
     # an ensemble of K copies of one model is that model
-    run = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0.5, weight_decay=0.1, lr=3e-3))}"
+    run = f"{d}/sweep/mix0.5"
     single = summaries[0.5]["val_loss"]
     assert evaluate.ensemble_loss([f"{run}/ckpt.pt"] * 3, f"{d}/val") == pytest.approx(single, abs=1e-6)
-    other = f"{d}/sweep/{sweep.run_name(dict(epochs=1, mix=0, weight_decay=0.1, lr=3e-3))}/ckpt.pt"
+    other = f"{d}/sweep/mix0/ckpt.pt"
     pair = evaluate.ensemble_loss([f"{run}/ckpt.pt", other], f"{d}/val")
     assert pair < (single + summaries[0]["val_loss"]) / 2      # mixing probabilities beats the mean loss (Jensen)
     # one pass per member and a running log-sum-exp of the targets' log-probabilities give what
@@ -133,19 +144,29 @@ def run_script(script, *args):
     return r.returncode, r.stdout, r.stderr
 
 
-def test_evaluate_cli_one_line_errors(tiny_run, tmp_path):
+def main_error(capfd, main, *argv):
+    """A script's main(argv) run to its error, in this process: (exit code, stderr)."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    return e.value.code, capfd.readouterr().err
+
+
+def test_evaluate_cli_one_line_errors(tiny_run, tmp_path, capfd):
     d = tiny_run
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
-    for args, message in [
-            (["ensemble", "--val", d / "val", tmp_path / "missing.pt"], "missing.pt: no such checkpoint"),
-            (["ensemble", "--val", d / "val", tmp_path / "garbage.pt"], "garbage.pt: not a nanosynth checkpoint"),
-            (["ensemble", "--val", d / "val_gpt2", d / "run" / "ckpt.pt"], "has a vocabulary of 50257 ids, more than"),
-            (["ensemble", "--val", d / "nowhere", d / "run" / "ckpt.pt"], "no such token file"),
-            (["fit", "1", "2", "--loss", "3.0", "2.9"], "needs at least 3 points, got 2"),
-            (["fit", "1", "2", "3", "--loss", "3.0", "2.9"], "3 x values but 2 --loss values")]:
-        code, out, err = run_script("evaluate.py", *args)
-        assert code != 0 and "Traceback" not in err and err.strip().splitlines() == [f"error: {err.strip()[7:]}"]
-        assert message in err, (args, err)
+    for args, named in [   # the arguments, and what the error line must name
+            (["ensemble", "--val", d / "val", tmp_path / "missing.pt"], [tmp_path / "missing.pt"]),
+            (["ensemble", "--val", d / "val", d / "run"], [f"{d / 'run'}: is a directory"]),
+            (["ensemble", "--val", d / "val", tmp_path / "garbage.pt"], [tmp_path / "garbage.pt"]),
+            (["ensemble", "--val", d / "val_gpt2", d / "run" / "ckpt.pt"], [d / "val_gpt2.bin", d / "run" / "ckpt.pt"]),
+            (["ensemble", "--val", d / "nowhere", d / "run" / "ckpt.pt"], [d / "nowhere.bin"]),
+            (["ensemble", "--val", d / "val", "--device", "tpu9", d / "run" / "ckpt.pt"], ["--device 'tpu9'"]),
+            (["fit", "1", "2", "--loss", "3.0", "2.9"], ["3 points", "2"]),
+            (["fit", "1", "2", "3", "--loss", "3.0", "2.9"], ["--loss"])]:
+        code, err = main_error(capfd, evaluate.main, *args)
+        assert_error(code, err, *named)
+        assert "weights_only" not in err
     code, out, err = run_script("evaluate.py", "ensemble", "--val", d / "val", d / "run" / "ckpt.pt")
     assert code == 0 and out.startswith("K = 1: ensemble loss ")
     assert float(out.split()[-1]) == pytest.approx(json.load(open(d / "run" / "summary.json"))["val_loss"], abs=1e-4)
@@ -174,14 +195,15 @@ def test_interpolated_budget():
     assert evaluate.interpolated_budget(4.3, [10, 20, 40, 80], [5.0, 4.4, 4.3, 4.9]) == (pytest.approx(40), "=")
 
 
-def test_sweep_reports_a_failed_run_and_bad_jobs(tiny_run, tmp_path):
+def test_sweep_reports_a_failed_run_and_bad_flags(tiny_run, tmp_path, capfd):
     d = tiny_run
-    code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", "--jobs", "0", "--", *TINY)
-    assert code != 0 and "--jobs must be >= 1" in err and "Traceback" not in err
+    for flags, named in ((["--jobs", "0"], ["--jobs"]), ([], ["--epochs", "--mix"]), (["--lr", "0.001"], ["--lr"])):
+        code, err = main_error(capfd, sweep.main, "--out_dir", tmp_path / "s", *flags, "--", *TINY, "--lr", "0.002")
+        assert_error(code, err, *named)
     code, out, err = run_script("sweep.py", "--out_dir", tmp_path / "s", "--epochs", "-1", "--", *TINY,
                                 "--real", d / "real", "--val", d / "val")
-    assert code != 0 and "Traceback" not in err
-    assert "train.py failed for" in err and "epochs must be a number > 0, got -1.0" in err   # the run's own log line
+    assert_error(code, err, tmp_path / "s" / "epochs-1", alone=False)   # train.py's error (exit 2), its log above
+    assert "epochs must be a number > 0, got -1.0" in err
 
 
 def test_run_all_progress_and_resume(tiny_run, tmp_path):
