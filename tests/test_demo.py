@@ -14,10 +14,10 @@ def test_study_documents_nest_and_start_with_the_synthetic_sources():
     ids = [d["id"] for d in documents]
     sources = {r["source_id"] for r in demo.read_jsonl(os.path.join(ROOT, "sample_data", "synthetic", "rephrase.jsonl"))}
     assert set(ids[:160]) == sources and len(set(ids)) == len(ids) >= max(demo.FULL.law)
-    # the budget's documents are the 80 with 16 rephrases and 7 thoughts
+    # the budget's documents are among the 80 with 16 rephrases and 7 thoughts
     G16 = {r["source_id"] for r in demo.read_jsonl(os.path.join(ROOT, "sample_data", "synthetic", "rephrase.jsonl"))
            if r["index"] == 15}
-    assert set(ids[:demo.BUDGET]) == G16
+    assert set(ids[:80]) == G16 and demo.BUDGET <= 80
 
 
 def test_runs_pair_by_seed_and_variants_reuse_recipe_runs():
