@@ -27,7 +27,9 @@ How NanosynthLM (an lm_eval TemplateLM) scores a request (context, continuation)
 Output (evaluate.py downstream): per task the accuracy, its standard error (the harness's
 acc_stderr) and the number of questions; their mean, and the average benchmark error 1 - mean
 accuracy, the quantity the paper plots, with the standard error of the mean over tasks
-(sqrt(sum se^2) / tasks). Printed as a table; --out_json writes the same as JSON.
+(sqrt(sum se^2) / tasks). Where a task also defines acc_norm (the harness's accuracy with each
+choice's log-likelihood divided by its length in bytes) it is shown beside, but the mean is of acc,
+as the paper's. Printed as a table; --out_json writes the same as JSON.
 
 Reads checkpoints written by train.py; lm_eval's named tasks download their data from the Hugging
 Face Hub on first use (into its cache), tasks from --include_path read local files. Writes
@@ -157,6 +159,8 @@ def evaluate_tasks(ckpt_paths, tasks, include_path=None, batch_size=16, device="
             continue   # a group's own line, or a task without acc
         per_task[name] = {"acc": result["acc,none"], "acc_stderr": result["acc_stderr,none"],
                           "n": out["n-samples"][name]["effective"]}
+        if "acc_norm,none" in result:   # length-normalized, where the task defines it (not what the paper reports)
+            per_task[name].update(acc_norm=result["acc_norm,none"], acc_norm_stderr=result["acc_norm_stderr,none"])
     if not per_task:
         raise ValueError(f"--tasks {','.join(tasks)}: no task reported acc (multiple-choice tasks do)")
     accs = [t["acc"] for t in per_task.values()]
@@ -169,11 +173,12 @@ def evaluate_tasks(ckpt_paths, tasks, include_path=None, batch_size=16, device="
 
 def results_table(results):
     from evaluate import markdown_table
-    rows = [[name, t["n"], f"{t['acc']:.4f}", f"{t['acc_stderr']:.4f}", f"{1 - t['acc']:.4f}"]
-            for name, t in results["tasks"].items()]
+    cell = lambda t, key: f"{t[key]:.4f}" if key in t else ""
+    rows = [[name, t["n"], cell(t, "acc"), cell(t, "acc_stderr"), f"{1 - t['acc']:.4f}", cell(t, "acc_norm"),
+             cell(t, "acc_norm_stderr")] for name, t in results["tasks"].items()]
     rows.append(["mean", "", f"{results['mean_acc']:.4f}", f"{results['mean_acc_stderr']:.4f}",
-                 f"{results['average_benchmark_error']:.4f}"])
-    return markdown_table(["task", "questions", "acc", "± se", "error (1 - acc)"], rows)
+                 f"{results['average_benchmark_error']:.4f}", "", ""])
+    return markdown_table(["task", "questions", "acc", "± se", "error (1 - acc)", "acc_norm", "± se"], rows)
 
 
 def write_json(path, results):

@@ -156,7 +156,8 @@ def test_complete_lm_eval_run_of_a_local_task_from_the_command_line(tiny_checkpo
 def test_in_process_evaluation_of_one_member_and_mean_over_tasks(tiny_checkpoint, tmp_path, monkeypatch):
     a = tiny_checkpoint("a.pt", seed=1)
     write_task(tmp_path)
-    (tmp_path / "toy2.yaml").write_text((tmp_path / "toy.yaml").read_text().replace("nanosynth_toy_mc", "toy_two"))
+    (tmp_path / "toy2.yaml").write_text((tmp_path / "toy.yaml").read_text().replace("nanosynth_toy_mc", "toy_two")
+                                        + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
     for key, value in offline_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     results = downstream.evaluate_tasks([a], ["nanosynth_toy_mc", "toy_two"], str(tmp_path), batch_size=3,
@@ -164,6 +165,8 @@ def test_in_process_evaluation_of_one_member_and_mean_over_tasks(tiny_checkpoint
     acc, se = expected_accuracy([a])
     assert [t["acc"] for t in results["tasks"].values()] == [pytest.approx(acc, abs=1e-12)] * 2
     assert results["mean_acc_stderr"] == pytest.approx(math.sqrt(2 * se ** 2) / 2)
+    assert "acc_norm" in results["tasks"]["toy_two"] and "acc_norm" not in results["tasks"]["nanosynth_toy_mc"]
+    assert "| toy_two " in downstream.results_table(results)
     with pytest.raises(ValueError, match="--tasks: unknown task"):
         downstream.evaluate_tasks([a], ["no_such_task"], str(tmp_path), include_defaults=False)
 
