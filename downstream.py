@@ -108,7 +108,9 @@ class NanosynthLM(TemplateLM):
             x = x.to(self.device)
             running = None
             for model in self.models:
-                logits, _ = model(x)
+                # SDPA's causal kernel on every device: flex attention would be compiled again for each
+                # new batch length, and one document per row needs no other mask
+                logits, _ = model(x, attn_impl="sdpa")
                 logp = [F.log_softmax(logits[r, len(windows[i][0]) - windows[i][2]: len(windows[i][0])], dim=-1)
                         [:, : self.n_vocab].cpu() for r, i in enumerate(rows)]
                 running = logp if running is None else [torch.logaddexp(a, b) for a, b in zip(running, logp)]
