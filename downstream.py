@@ -48,9 +48,9 @@ from tokenizer import load_tokenizer
 
 
 def request_window(context, continuation, bos_id, block_size):
-    """(input ids, number of continuation targets) for one request: BOS + context + continuation
-    left-truncated to block_size + 1 tokens with BOS kept first, minus the last token (the
-    targets are the input shifted by one, so the last len(continuation) of them are scored)."""
+    """(input ids, target ids, n) for one request: BOS + context + continuation, cut from the left
+    to block_size + 1 tokens with BOS kept first; the input is all of it but the last token, the
+    targets all but BOS, and the last n = len(continuation) targets are the ones scored."""
     if context[:1] == [bos_id]:   # the harness's empty context is [BOS]
         context = context[1:]
     if not 0 < len(continuation) <= block_size:
@@ -157,8 +157,8 @@ def evaluate_tasks(ckpt_paths, tasks, include_path=None, batch_size=16, device="
                                   limit=limit, log_samples=False, verbosity="WARNING")
     per_task = {}
     for name, result in out["results"].items():
-        if "acc,none" not in result:
-            continue   # a group's own line, or a task without acc
+        if "acc,none" not in result or name in out.get("groups", {}):
+            continue   # a task without acc, or a group's line (its tasks have their own)
         per_task[name] = {"acc": result["acc,none"], "acc_stderr": result["acc_stderr,none"],
                           "n": out["n-samples"][name]["effective"]}
         if "acc_norm,none" in result:   # length-normalized, where the task defines it (not what the paper reports)

@@ -481,6 +481,33 @@ def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nat
     return path
 
 
+def downstream_main(args, parser):
+    """evaluate.py downstream: the lm_eval integration lives in downstream.py (optional: lm-eval).
+    Every flag is checked before a checkpoint is loaded."""
+    try:
+        import downstream
+    except ImportError as e:
+        if e.name is None or not e.name.startswith("lm_eval"):
+            raise
+        cli.fail("evaluate.py downstream needs lm-evaluation-harness: pip install 'lm-eval>=0.4,<0.5'")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        parser.error(f"--tasks {args.tasks!r} names no task")
+    for name, low in (("batch_size", 1), ("limit", 1), ("num_fewshot", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if args.include_path and not os.path.isdir(args.include_path):
+        parser.error(f"--include_path {args.include_path}: not a folder")
+    if args.out_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.out_json))):
+        parser.error(f"--out_json {args.out_json}: its folder does not exist")   # found now, not after the run
+    device = cli.pick_device(args.device)
+    results = downstream.evaluate_tasks(args.ckpts, tasks, args.include_path, args.batch_size, device, args.limit,
+                                        args.num_fewshot)
+    print(downstream.results_table(results))
+    if args.out_json:
+        downstream.write_json(args.out_json, results)
+
+
 def main(argv=None):
     ap = cli.ArgumentParser(__doc__, __file__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -515,31 +542,6 @@ def main(argv=None):
             print(f"L(x) = {A:.4g} / x^{B:.4g} + {C:.4f}   (asymptote {C:.4f})")
     except (ValueError, FileNotFoundError, DataError) as err:
         cli.fail(err)
-
-
-def downstream_main(args, parser):
-    """evaluate.py downstream: the lm_eval integration lives in downstream.py (optional: lm-eval).
-    Every flag is checked before a checkpoint is loaded."""
-    try:
-        import downstream
-    except ImportError as e:
-        if e.name is None or not e.name.startswith("lm_eval"):
-            raise
-        cli.fail("evaluate.py downstream needs lm-evaluation-harness: pip install 'lm-eval>=0.4,<0.5'")
-    tasks = [t for t in args.tasks.split(",") if t]
-    if not tasks:
-        parser.error(f"--tasks {args.tasks!r} names no task")
-    for name, low in (("batch_size", 1), ("limit", 1), ("num_fewshot", 0)):
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    if args.include_path and not os.path.isdir(args.include_path):
-        parser.error(f"--include_path {args.include_path}: not a folder")
-    device = cli.pick_device(args.device)
-    results = downstream.evaluate_tasks(args.ckpts, tasks, args.include_path, args.batch_size, device, args.limit,
-                                        args.num_fewshot)
-    print(downstream.results_table(results))
-    if args.out_json:
-        downstream.write_json(args.out_json, results)
 
 
 if __name__ == "__main__":

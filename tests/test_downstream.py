@@ -187,6 +187,7 @@ def test_command_line_errors(tiny_checkpoint, tmp_path, monkeypatch, capsys):
                         (["--tasks", "x", "--batch_size", 0, a], "--batch_size"),
                         (["--tasks", "x", "--limit", 0, a], "--limit"),
                         (["--tasks", "x", "--num_fewshot", -1, a], "--num_fewshot"),
+                        (["--tasks", "x", "--out_json", tmp_path / "no" / "r.json", a], "--out_json"),
                         (["--include_path", tmp_path, "--tasks", "nanosynth_toy_mc", a, b], "b.pt")):   # another tokenizer
         error(*args, named=named)
     monkeypatch.delitem(sys.modules, "downstream")
