@@ -4,6 +4,7 @@ the end of a run), ensembles, power-law fits, data efficiency, and the tables an
 
     python evaluate.py ensemble --val out/data/val out/runs/sorted-s0/ckpt.pt out/runs/sorted-s1/ckpt.pt ...
     python evaluate.py fit 1 2 4 8 --loss 3.9 3.7 3.6 3.55     # L(x) = A / x^B + C
+    python evaluate.py downstream --tasks arc_easy,piqa,sciq CKPT [CKPT ...]   # benchmark accuracy (downstream.py)
     (exit codes as every script's, cli.py: 0 done, 2 a one-line "error: ...")
 
 Reads:  checkpoints written by train.py, token files written by pack.py.
@@ -23,6 +24,7 @@ Definitions:
 """
 import itertools
 import math
+import os
 import sys
 from contextlib import nullcontext
 
@@ -479,6 +481,33 @@ def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nat
     return path
 
 
+def downstream_main(args, parser):
+    """evaluate.py downstream: the lm_eval integration lives in downstream.py (optional: lm-eval).
+    Every flag is checked before a checkpoint is loaded."""
+    try:
+        import downstream
+    except ImportError as e:
+        if e.name is None or not e.name.startswith("lm_eval"):
+            raise
+        cli.fail("evaluate.py downstream needs lm-evaluation-harness: pip install 'lm-eval>=0.4,<0.5'")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        parser.error(f"--tasks {args.tasks!r} names no task")
+    for name, low in (("batch_size", 1), ("limit", 1), ("num_fewshot", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if args.include_path and not os.path.isdir(args.include_path):
+        parser.error(f"--include_path {args.include_path}: not a folder")
+    if args.out_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.out_json))):
+        parser.error(f"--out_json {args.out_json}: its folder does not exist")   # found now, not after the run
+    device = cli.pick_device(args.device)
+    results = downstream.evaluate_tasks(args.ckpts, tasks, args.include_path, args.batch_size, device, args.limit,
+                                        args.num_fewshot)
+    print(downstream.results_table(results))
+    if args.out_json:
+        downstream.write_json(args.out_json, results)
+
+
 def main(argv=None):
     ap = cli.ArgumentParser(__doc__, __file__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -489,8 +518,19 @@ def main(argv=None):
     f = sub.add_parser("fit", help="fit L(x) = A / x^B + C")
     f.add_argument("x", type=float, nargs="+", help="x of each point (parameters, members, real tokens)")
     f.add_argument("--loss", type=float, nargs="+", required=True, help="the loss at each x")
+    d = sub.add_parser("downstream", help="benchmark accuracy through lm-evaluation-harness (see downstream.py)")
+    d.add_argument("--tasks", required=True, help="lm_eval task names, comma-separated (the paper: arc_easy,piqa,sciq)")
+    d.add_argument("ckpts", nargs="+", help="checkpoints written by train.py (several: their ensemble)")
+    d.add_argument("--include_path", help="a folder of lm_eval task YAML files of your own, beside the built-in tasks")
+    d.add_argument("--num_fewshot", type=int, default=0, help="examples in each prompt (the paper: 0)")
+    d.add_argument("--limit", type=int, help="only the first N questions of each task (a quick look)")
+    d.add_argument("--batch_size", type=int, default=16, help="requests per forward pass")
+    d.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:N, ...")
+    d.add_argument("--out_json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     try:
+        if args.command == "downstream":
+            return downstream_main(args, d)
         if args.command == "ensemble":
             device = cli.pick_device(args.device)
             for k, loss in enumerate(ensemble_losses(args.ckpts, args.val, device=device), 1):

@@ -1,12 +1,22 @@
 """
-formats.py: the project's file formats, in one place: JSONL input read with file:line errors, the
-fields of generate.py's records that pack.py checks, the packed token files (OUT.bin / OUT.idx /
-OUT.json), atomic writes, and the repair of files appended line by line after a crash. pack.py
-writes token files; train.py, evaluate.py and generate.py read what they need from here.
+formats.py: the project's file formats, in one place: documents read from JSONL, gzipped JSONL or
+Parquet with file:line (file:row) errors, the fields of generate.py's records that pack.py checks,
+the packed token files (OUT.bin / OUT.idx / OUT.json), atomic writes, and the repair of files
+appended line by line after a crash. pack.py writes token files; train.py, evaluate.py and
+generate.py read what they need from here.
 
-    from formats import TokenFile, read_jsonl
+    from formats import TokenFile, read_documents, read_jsonl
     tf = TokenFile("out/data/real")        # tokens (memory-mapped), document starts, groups, kinds
-    for lineno, obj in read_jsonl("sample_data/train.jsonl"): ...
+    for lineno, obj in read_jsonl("sample_data/train.jsonl"): ...          # any JSON objects (.gz too)
+    for n, doc in read_documents("dclm/train.parquet"): doc["id"], doc["text"]   # documents, any format
+
+Documents (read_documents): one {"id": str, "text": str} per JSON line of a .jsonl file (or of a
+.jsonl.gz file), or per row of a .parquet file (read in batches of rows with pyarrow, an optional
+package, so memory does not grow with the file). The text and id fields can be named (pack.py and
+generate.py: --text_field, --id_field); a Parquet file without an id column, or any file read with
+id_field "", gets the ids NAME/N (file name without folders, line or row N), so they do not change
+when the file moves. Errors name the line (path:12) or the row, counted from 0 as pyarrow does
+(path:row 11).
 
 Token files (prefix OUT):
   OUT.bin   64-byte header (magic, version, token width, token count, vocabulary size, BOS id), then
@@ -17,8 +27,10 @@ Token files (prefix OUT):
 Every document starts with the BOS token; the source-group id of a document is the index of its
 real source document (what the `megadoc` attention mask compares).
 """
+import gzip
 import json
 import os
+import zlib
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
@@ -43,32 +55,39 @@ def atomic_open(path, mode="wb"):
 
 
 # -----------------------------------------------------------------------------
-# JSONL input
+# input: JSONL records, documents (JSONL, gzipped JSONL, Parquet)
 
 class DataError(Exception):
     """Bad input: the message names the file (and line) and what is wrong with it."""
 
 
 def read_jsonl(path):
-    """Yield (line number, object) for each non-blank line; a bad line is an error naming it."""
-    with open(path, "rb") as f:   # decoded line by line, so a byte that is not UTF-8 is on a known line
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
-                                f"{e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                # (some of json's messages end in "at", meant to be followed by a position)
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column "
-                                f"{e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    """Yield (line number, object) for each non-blank line of a JSONL file (gzipped if its name ends
+    in .gz); a bad line is an error naming it."""
+    gzipped, lineno = path.endswith(".gz"), 0
+    with (gzip.open if gzipped else open)(path, "rb") as f:   # decoded line by line: a bad byte is on a known line
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                    f"{e.start + 1} of the line)") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    # (some of json's messages end in "at", meant to be followed by a position)
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column "
+                                    f"{e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield lineno, obj
+        except (OSError, EOFError, zlib.error) as e:   # from gzip: not gzip data, a truncated or corrupt stream
+            if not gzipped:
+                raise
+            raise DataError(f"{path}:{lineno + 1}: cannot be read as gzip ({e})") from None
 
 
 def cut_partial_line(path):
@@ -101,10 +120,76 @@ def require(obj, field, types, where):
     return value
 
 
+PARQUET_BATCH_ROWS = 1024   # rows read from a Parquet file at a time
+
+
+def is_parquet(path):
+    return path.endswith(".parquet")
+
+
+def place(path, n):
+    """How a message names document n of a file, as read_documents numbers them: path:LINE for
+    JSONL, path:row N for Parquet (rows counted from 0)."""
+    return f"{path}:row {n}" if is_parquet(path) else f"{path}:{n}"
+
+
+def read_documents(path, text_field="text", id_field=None):
+    """Yield (n, {"id": str, "text": str}) for each document of a .jsonl, .jsonl.gz or .parquet file,
+    n its line (JSONL) or row (Parquet, from 0); see the module docstring. id_field None reads "id"
+    (a Parquet file without that column gets made ids), "" makes the ids for any file. A document
+    whose text or id is missing or not a string is an error naming its place."""
+    made_id = lambda n: f"{os.path.basename(path)}/{n}"
+    if not is_parquet(path):
+        for lineno, obj in read_jsonl(path):
+            where = place(path, lineno)
+            doc_id = made_id(lineno) if id_field == "" else require(obj, id_field or "id", (str,), where)
+            yield lineno, {"id": doc_id, "text": require(obj, text_field, (str,), where)}
+        return
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e)[:200]})") from None
+    names = pf.schema_arrow.names
+    if id_field is None:
+        id_column = "id" if "id" in names else None
+    else:
+        id_column = id_field or None
+    for column, flag in ((text_field, "--text_field"), (id_column, "--id_field")):
+        if column is None:
+            continue
+        if column not in names:
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(names)}); name another with {flag}")
+        kind = pf.schema_arrow.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            hint = "; --id_field '' numbers the rows instead" if flag == "--id_field" else ""
+            raise DataError(f"{path}: column {column!r} holds {kind}, not strings{hint}")
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[c for c in (text_field, id_column) if c]):
+            texts = batch.column(text_field).to_pylist()
+            ids = batch.column(id_column).to_pylist() if id_column else [made_id(row + i) for i in range(len(texts))]
+            for text, doc_id in zip(texts, ids):
+                for column, value in ((text_field, text), (id_column, doc_id)):
+                    if column and value is None:   # the schema said strings: only a null is left to refuse
+                        raise DataError(f"{place(path, row)}: field {column!r} must be str, got None")
+                yield row, {"id": doc_id, "text": text}
+                row += 1
+    except (pa.ArrowException, OSError) as e:   # a corrupt page or column chunk
+        raise DataError(f"{place(path, row)}: cannot be read ({str(e)[:200]})") from None
+
+
 # What generate.py stores in each record about how it was made (generate.generation_settings): a
 # resume into a file must use the same, and pack.py says when the records it packs differ in them.
+# text_field and id_field are generate.py's flags of that name as given (read_documents): which
+# field of --input each document's text and id were read from.
 GENERATION_SETTINGS = ("model", "prompt", "prompt_sha256", "temperature", "api", "max_new_tokens", "seed",
-                       "max_source_tokens", "tokenizer")   # (self-distill's prefix length is in its prompt name)
+                       "max_source_tokens", "tokenizer",   # (self-distill's prefix length is in its prompt name)
+                       "text_field", "id_field")
 
 
 # Latent thoughts record where they cut the document: "cut_char" (a character offset) and

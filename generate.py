@@ -20,15 +20,18 @@ Run
   (repeat --endpoint to share the load between servers; --shard i/n to split a corpus between
   machines; the API key is read from $OPENAI_API_KEY, or the variable named by --api_key_env)
 
-Reads   --input: JSONL, one {"id": str, "text": str, ...} per line (UTF-8, at least one document).
+Reads   --input: JSONL, one {"id": str, "text": str, ...} per line (UTF-8, at least one document),
+          or gzipped JSONL (.jsonl.gz), or Parquet (.parquet); --text_field and --id_field name the
+          fields (formats.read_documents).
 Writes  --out_jsonl: JSONL, one line per generation, appended to:
           {"id": "<source_id>/<kind>/<index>", "source_id", "kind", "index", "text", "model",
            "prompt", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"},
-           "temperature", "api", "max_new_tokens", "seed", "tokenizer"}, for rephrases and
-          thoughts also "max_source_tokens" and "prompt_sha256" (the first 16 hex digits of the
-          SHA-256 of the prompt's system and user templates), and for latent thoughts "cut_char"
-          (where cut `index` is in the text) and "cut_rule" ("nested"; files cut under the older
-          rule are refused).
+           "temperature", "api", "max_new_tokens", "seed", "tokenizer", "text_field", "id_field"},
+          for rephrases and thoughts also "max_source_tokens" and "prompt_sha256" (the first 16 hex
+          digits of the SHA-256 of the prompt's system and user templates), and for latent thoughts
+          "cut_char" (where cut `index` is in the text) and "cut_rule" ("nested"; files cut under
+          the older rule are refused). "text_field" and "id_field" are --text_field and
+          --id_field as given (null: the default).
         --failures (default <out_jsonl without .jsonl>.failures.jsonl): the generations still
           missing, {"source_id", "kind", "index", "error", "tries"}: they ran out of tries, or
           were cut at the length limit on every sample. At the end of every run it is rewritten
@@ -54,7 +57,7 @@ skipped (so a rerun with a larger --G writes only the new indices, for thoughts 
 from --out_jsonl and they are sampled again, so one record per generation remains. A partial last
 line left by a crash is cut off. A rerun whose settings (the fields above from "model" on: --model,
 --api, --prompt_file, --temperature, --max_new_tokens, --seed, --max_source_tokens, --prefix_tokens,
---tokenizer) differ from those of the records of its kind already in --out_jsonl is refused, naming
+--tokenizer, --text_field, --id_field) differ from those of the records of its kind already in --out_jsonl is refused, naming
 each difference: one file holds one setting of each. Ctrl-C stops cleanly (twice: at once).
 
 Exit status (cli.py): 0 every generation written; 1 some went to the failures file (rerun to retry
@@ -79,7 +82,7 @@ from urllib.parse import urlparse
 import requests
 
 import cli
-from formats import CUT_RULE, DataError, atomic_open, cut_partial_line, read_jsonl, require, require_nested_cuts
+from formats import CUT_RULE, DataError, atomic_open, cut_partial_line, place, read_documents, require_nested_cuts
 from tokenizer import load_tokenizer
 
 
@@ -221,7 +224,9 @@ def generation_settings(args, prompt, api):
     its records (fields of formats.GENERATION_SETTINGS): a resume must use the same (scan_output
     refuses another), and pack.py warns when the records it packs differ in them."""
     settings = {"model": args.model, "temperature": float(args.temperature), "api": api,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "tokenizer": args.tokenizer}
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "tokenizer": args.tokenizer,
+                # which field of --input the text and the id were read from (as given: None is the default)
+                "text_field": args.text_field, "id_field": args.id_field}
     if prompt is None:   # self-distill: a real prefix, no template
         settings["prompt"] = f"prefix-{args.prefix_tokens}" if args.prefix_tokens else "unconditional"
     else:
@@ -538,15 +543,12 @@ class Indices:
         return [i for i in range(G) if (source_id, kind, i) not in self]
 
 
-def read_docs(path):
-    """Yield (line number, document) of a JSONL file; a bad line stops the run naming file and line
-    (the reader and checks of formats.py, so generate.py and pack.py accept exactly the same input)."""
+def read_docs(path, text_field="text", id_field=None):
+    """Yield (line or row number, document) of a document file; a bad line stops the run naming file
+    and line (formats.read_documents, so generate.py and pack.py accept exactly the same input)."""
     try:
-        for lineno, doc in read_jsonl(path):
-            require(doc, "id", (str,), f"{path}:{lineno}")
-            require(doc, "text", (str,), f"{path}:{lineno}")
-            yield lineno, doc
-    except DataError as e:   # also a line that is not UTF-8: read_jsonl names it
+        yield from read_documents(path, text_field, id_field)
+    except DataError as e:   # also a line that is not UTF-8: the reader names it
         raise Fatal(str(e)) from None
 
 
@@ -761,7 +763,11 @@ class Run:
 
 def arg_parser():
     p = cli.ArgumentParser(__doc__, __file__)
-    p.add_argument("--input", required=True, help="JSONL documents {id, text}")
+    p.add_argument("--input", required=True, help="documents: .jsonl {id, text}, .jsonl.gz or .parquet")
+    p.add_argument("--text_field", default="text", help="--input: the field (column) holding each document's text")
+    p.add_argument("--id_field", default=None,
+                   help="--input: the field (column) holding each document's id (default: id; a Parquet file "
+                        "without one gets ids NAME/ROW); '' makes the ids from file name and line or row")
     p.add_argument("--out_jsonl", required=True, help="JSONL output, one line per generation, appended to (resume)")
     p.add_argument("--failures", help="JSONL of the generations still missing (default: <out_jsonl>.failures.jsonl)")
     p.add_argument("--endpoint", action="append", required=True, help="base URL like http://127.0.0.1:8000/v1 (repeatable)")
@@ -868,12 +874,12 @@ def run(args):
     # pass 1: validate every input line and count the work (the text is not kept: corpora are big)
     shard_i, shard_n = args.shard
     ids, total, ndocs, redo = set(), 0, 0, set()
-    for pos, (lineno, doc) in enumerate(read_docs(args.input)):
+    for pos, (lineno, doc) in enumerate(read_docs(args.input, args.text_field, args.id_field)):
         ndocs += 1  # in every shard
         if pos % shard_n != shard_i:
             continue
         if doc["id"] in ids:
-            raise Fatal(f"{args.input}:{lineno}: duplicate document id {doc['id']!r}")
+            raise Fatal(f"{place(args.input, lineno)}: duplicate document id {doc['id']!r}")
         ids.add(doc["id"])
         if doc["text"]:
             total += len(done.missing(doc["id"], args.kind, args.G))
@@ -893,7 +899,7 @@ def run(args):
     endpoints = Endpoints(args.endpoint, api, has_models)
 
     def tasks():
-        for pos, (_, doc) in enumerate(read_docs(args.input)):
+        for pos, (_, doc) in enumerate(read_docs(args.input, args.text_field, args.id_field)):
             missing = done.missing(doc["id"], args.kind, args.G) if pos % shard_n == shard_i and doc["text"] else []
             if missing:
                 doc_tasks, unaskable = requests_for(doc, missing, args, api, prompt, enc)

@@ -8,9 +8,11 @@ pack.py: tokenize real and synthetic documents and pack them into one token file
     python pack.py ... --mode shuffled                        # rephrases as separate documents
     python pack.py --real ... --synthetic sample_data/synthetic/latent.jsonl --mode latent --G 2
 
-Reads:  real documents, JSONL {"id", "text", ...}; synthetic records written by generate.py,
-        JSONL {"id", "source_id", "kind", "index", "text", "finish_reason", ...} (+ "cut_char" and
-        "cut_rule" for latent thoughts; a file cut under generate.py's older rule is refused).
+Reads:  real documents, JSONL {"id", "text", ...}, gzipped JSONL (.jsonl.gz) or Parquet (.parquet;
+        --text_field and --id_field name the fields, see formats.read_documents); synthetic
+        records written by generate.py, JSONL (or .jsonl.gz) {"id", "source_id", "kind", "index",
+        "text", "finish_reason", ...} (+ "cut_char" and "cut_rule" for latent thoughts; a file cut
+        under generate.py's older rule is refused).
 Writes: a token file (format in formats.py) at --out_prefix PREFIX: PREFIX.bin (uint16/uint32
         tokens), PREFIX.idx (one record per document: start offset, source-group id, kind),
         PREFIX.json (the pack's settings and summary: documents and tokens per kind, ...).
@@ -51,8 +53,8 @@ from collections import Counter
 import numpy as np
 
 import cli
-from formats import (DataError, GENERATION_SETTINGS, KINDS, TokenWriter, file_paths, read_jsonl, require,
-                     require_nested_cuts, token_dtype)
+from formats import (DataError, GENERATION_SETTINGS, KINDS, TokenWriter, file_paths, place, read_documents, read_jsonl,
+                     require, require_nested_cuts, token_dtype)
 from tokenizer import load_tokenizer
 
 
@@ -202,16 +204,15 @@ def read_synthetic(paths, kind, G, keep_truncated, store, counts, settings):
     return {"source": as_np(source, np.uint64), **{k: as_np(v) for k, v in cols.items()}}
 
 
-def read_real(path, store, cuts_of=None):
-    """Real documents -> (hash of each id, first segment of each document, its number of
-    segments). A document is one segment, except in latent mode, where cuts_of(id hash) gives
-    the character offsets its thoughts cut it at and each piece is a segment. Group g is the g-th
-    document."""
+def read_real(path, store, cuts_of=None, text_field="text", id_field=None):
+    """Real documents (JSONL, gzipped JSONL or Parquet: formats.read_documents) -> (hash of each
+    id, first segment of each document, its number of segments). A document is one segment, except
+    in latent mode, where cuts_of(id hash) gives the character offsets its thoughts cut it at and
+    each piece is a segment. Group g is the g-th document."""
     hashes, first, count, lines = array.array("Q"), array.array("q"), array.array("q"), array.array("q")
-    for lineno, obj in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        doc_id = require(obj, "id", (str,), where)
-        text = require(obj, "text", (str,), where)
+    for lineno, obj in read_documents(path, text_field, id_field):
+        where = place(path, lineno)
+        doc_id, text = obj["id"], obj["text"]
         if not text.strip():
             raise DataError(f"{where}: document {doc_id!r} has empty text")
         hashes.append(id_hash(doc_id))
@@ -227,7 +228,7 @@ def read_real(path, store, cuts_of=None):
         for a, b in zip(bounds[1:], bounds[2:]):
             store.add(text[a:b])
         count.append(len(bounds) - 1)
-    dup = first_duplicate(hashes, lambda i: f"{path}:{lines[i]}")
+    dup = first_duplicate(hashes, lambda i: place(path, lines[i]))
     if dup:
         raise DataError(f"duplicate document id: {dup[1]} repeats the id of {dup[0]}")
     if not lines:
@@ -288,7 +289,7 @@ SYNTHETIC_KINDS = ("rephrase", "self-distill")
 
 def pack(real_path, out, mode="real", synthetic=(), G=None, real_position="back",
          synthetic_kind=None, seed=0, tokenizer="gpt2", keep_truncated=False, block_size=1024,
-         threads=8, log=print, warn=lambda message: print(message, file=sys.stderr)):
+         threads=8, log=print, warn=lambda message: print(message, file=sys.stderr), text_field="text", id_field=None):
     """Pack one stream into the token file at prefix `out`; returns its summary (also written to
     OUT.json). Before any work is done, a setting it cannot use is a ValueError and an input or
     tokenizer file it cannot open a DataError; bad input found later is a DataError naming file
@@ -345,7 +346,7 @@ def pack(real_path, out, mode="real", synthetic=(), G=None, real_position="back"
             lo, hi = (np.searchsorted(sorted_source, source_hash, side) for side in ("left", "right"))
             return by_source[lo:hi]
         cuts_of = (lambda h: syn["cut"][records_of(h)].tolist()) if mode == "latent" else None
-        real_hash, first, count = read_real(real_path, store, cuts_of)
+        real_hash, first, count = read_real(real_path, store, cuts_of, text_field, id_field)
         n_real = len(first)
 
         # each record's source group: the position of its source_id among the real documents
@@ -433,7 +434,11 @@ def print_summary(out, s, log=print):
 
 def arg_parser():
     ap = cli.ArgumentParser(__doc__, __file__)
-    ap.add_argument("--real", required=True, help="real documents, JSONL {id, text}")
+    ap.add_argument("--real", required=True, help="real documents: .jsonl {id, text}, .jsonl.gz or .parquet")
+    ap.add_argument("--text_field", default="text", help="--real: the field (column) holding each document's text")
+    ap.add_argument("--id_field", default=None,
+                    help="--real: the field (column) holding each document's id (default: id; a Parquet file "
+                         "without one gets ids NAME/ROW); '' makes the ids from file name and line or row")
     ap.add_argument("--synthetic", nargs="*", default=[], metavar="FILE",
                     help="generate.py output files, JSONL (needed by every mode but real)")
     ap.add_argument("--mode", default="real", choices=MODES,
@@ -464,7 +469,8 @@ def main(argv=None):
     args = arg_parser().parse_args(argv)
     try:
         pack(args.real, args.out_prefix, args.mode, args.synthetic, args.G, args.real_position,
-             args.synthetic_kind, args.seed, args.tokenizer, args.keep_truncated, args.block_size, args.threads)
+             args.synthetic_kind, args.seed, args.tokenizer, args.keep_truncated, args.block_size, args.threads,
+             text_field=args.text_field, id_field=args.id_field)
     except (DataError, ValueError) as e:
         cli.fail(e)
     except OSError as e:   # an output that cannot be written (a read-only folder, a full disk)

@@ -13,6 +13,8 @@ Writes: OUT_DIR/ckpt.pt (atomically; resumed from automatically), OUT_DIR/log.js
         object per log line and per evaluation; a resumed run repairs it and appends), and
         OUT_DIR/summary.json (config, final metrics, and the code that ran: "code" holds the git
         commit of this checkout and whether its tracked files were modified).
+        With --wandb_project P (optional: pip install wandb), every log.jsonl record also goes to
+        a Weights & Biases run of project P, which a resumed run continues (see start_wandb).
 
 The semantics:
   * The real token file is cut into fixed windows of block_size + 1 tokens (no padding; a document
@@ -100,11 +102,12 @@ class TrainConfig:
     eval_batch_size: int = arg(16, "sequences per evaluation batch")
     halt_at: int = arg(0, "stop after this step as if preempted (0: never; tests resume from here)")
     eval_train: bool = arg(False, "also measure the loss on the real training tokens (train_loss) at evaluation")
+    wandb_project: str = arg("", "a Weights & Biases project to mirror log.jsonl to ('' = none; needs wandb)")
 
 
 # fields that do not change what a run computes: a resumed run may change them
 RESUMABLE_CHANGES = {"val", "test", "long", "eval_train", "device", "compile", "out_dir", "log_interval", "eval_interval",
-                     "ckpt_interval", "eval_batch_size", "halt_at"}
+                     "ckpt_interval", "eval_batch_size", "halt_at", "wandb_project"}
 
 
 def parse_bool(text):
@@ -286,14 +289,15 @@ def checkpoint_to_resume(path, cfg, data):
 
 def resume(ckpt, model, optimizer):
     """Put the model, the optimizer and torch's RNG where the checkpoint left them; returns the
-    training state (step, train_seconds, train_loss, metrics, codes): that of step 0 without one."""
+    training state (step, train_seconds, train_loss, metrics, codes, wandb_run_id): that of step 0
+    without one."""
     if ckpt is None:
-        return dict(step=0, train_seconds=0.0, train_loss=float("nan"), metrics={}, codes=[])
+        return dict(step=0, train_seconds=0.0, train_loss=float("nan"), metrics={}, codes=[], wandb_run_id=None)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["torch_rng"])
     return dict(step=ckpt["step"], train_seconds=ckpt["train_seconds"], train_loss=ckpt["train_loss"],
-                metrics=ckpt["metrics"], codes=ckpt.get("codes", []))
+                metrics=ckpt["metrics"], codes=ckpt.get("codes", []), wandb_run_id=ckpt.get("wandb_run_id"))
 
 
 def checkpoint(cfg, model_cfg, data, model, optimizer, state, tokenizer):
@@ -303,7 +307,7 @@ def checkpoint(cfg, model_cfg, data, model, optimizer, state, tokenizer):
             "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
             "data": data_identity(data), "tokenizer": tokenizer, "metrics": state["metrics"],
             "train_loss": state["train_loss"], "train_seconds": state["train_seconds"], "codes": state["codes"],
-            "torch_rng": torch.get_rng_state()}
+            "wandb_run_id": state["wandb_run_id"], "torch_rng": torch.get_rng_state()}
 
 
 def save_checkpoint(path, state):
@@ -327,6 +331,26 @@ def repair_log(path, last_step):
     if len(keep) < len(lines):
         with atomic_open(path, "w") as f:
             f.writelines(keep)
+
+
+def wandb_module():
+    """The wandb package for --wandb_project, or a ValueError naming the flag if it cannot be
+    imported (found before any work, not after the first steps)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ValueError(f"--wandb_project needs wandb (pip install wandb): {e}") from None
+    return wandb
+
+
+def start_wandb(wandb, cfg, model_cfg, run_id=None):
+    """The Weights & Biases run that mirrors log.jsonl: a new one, or with the run_id a checkpoint
+    holds, the same run resumed. Logged by step, as log.jsonl is: after a crash, steps between the
+    checkpoint and the crash are logged again with the values they had (resume is exact), and wandb
+    keeps one value per step. WANDB_MODE=offline writes the run to disk only (wandb sync sends it)."""
+    return wandb.init(project=cfg.wandb_project, id=run_id, resume="allow",   # id None: a new run
+                      name=os.path.basename(os.path.normpath(cfg.out_dir)),
+                      config={**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg)})
 
 
 def code_version():
@@ -412,6 +436,7 @@ def main(argv=None):
         data, model_cfg, bos_id = setup(cfg)
         mix = Mixture(cfg, data["real"], data.get("synthetic"), world)
         ckpt = checkpoint_to_resume(ckpt_path, cfg, data)
+        wandb = wandb_module() if cfg.wandb_project else None
         if master:
             repair_log(log_path, ckpt["step"] if ckpt else 0)
     except (ValueError, DataError) as e:
@@ -455,10 +480,15 @@ def main(argv=None):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     log_file = open(log_path, "a") if master else None
+    wandb_run = start_wandb(wandb, cfg, model_cfg, state["wandb_run_id"]) if master and wandb else None
+    if wandb_run:   # kept in the checkpoint: a resumed run continues this one
+        state["wandb_run_id"] = wandb_run.id
     def record(obj):
         if master:
             log_file.write(json.dumps(obj) + "\n")
             log_file.flush()
+        if wandb_run:
+            wandb_run.log({k: v for k, v in obj.items() if k != "step"}, step=obj["step"])
 
     tokens_per_step = (mix.n_real + mix.n_syn) * cfg.block_size
     step, start_step, segment_seconds = state["step"], state["step"], 0.0   # this segment: since the (re)start
@@ -520,6 +550,8 @@ def main(argv=None):
                    **({"code_of_earlier_segments": state["codes"][:-1]} if len(state["codes"]) > 1 else {})}
         with atomic_open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
+    if wandb_run:
+        wandb_run.finish()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

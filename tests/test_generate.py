@@ -345,6 +345,26 @@ def test_shards_split_the_corpus_and_endpoints_share_load(tmp_path, server, monk
     assert len(s1.log) + len(s2.log) == 20 and len(s1.log) >= 5 and len(s2.log) >= 5
 
 
+def test_parquet_input_with_named_text_column_and_made_ids(tmp_path, server, monkeypatch, capfd):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed: Parquet input is optional")
+    import pyarrow.parquet as pq
+    srv, url = server()
+    inp = str(tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"body": [f"About {i}." for i in range(3)]}), inp)
+    run_main(monkeypatch, "--input", inp, "--text_field", "body", "--out_jsonl", str(tmp_path / "o.jsonl"),
+             "--endpoint", url, "--G", "1")
+    records = list(read_jsonl(str(tmp_path / "o.jsonl")))
+    assert sorted(r["source_id"] for r in records) == ["part-0.parquet/0", "part-0.parquet/1", "part-0.parquet/2"]
+    assert {(r["text_field"], r["id_field"]) for r in records} == {("body", None)}   # stored with the settings
+    prompts = sorted(e["body"]["messages"][-1]["content"] for e in srv.log)
+    assert [p.split("Document:\n", 1)[1] for p in prompts] == [f"About {i}." for i in range(3)]
+    pq.write_table(pa.table({"id": ["a", "b", "a"], "text": ["x", "y", "z"]}), inp)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, "--input", inp, "--out_jsonl", str(tmp_path / "p.jsonl"), "--endpoint", url)
+    assert_error(e.value.code, capfd.readouterr().err, f"{inp}:row 2", "'a'")
+
+
 def test_request_body_seeds_n_and_truncation(tmp_path, server, monkeypatch):
     srv, url = server()
     enc, _ = load_tokenizer("gpt2")
@@ -678,6 +698,8 @@ def test_resume_under_other_settings_is_refused(tmp_path, server, monkeypatch, c
                           (("--max_source_tokens", "50"), ["max_source_tokens 2048 -> 50"]),
                           (("--api", "completions"), ["api 'chat' -> 'completions'"]),
                           (("--tokenizer", "gpt2:1024"), ["tokenizer 'gpt2' -> 'gpt2:1024'"]),
+                          (("--text_field", "body"), ["text_field 'text' -> 'body'"]),
+                          (("--id_field", ""), ["id_field None -> ''"]),
                           (("--model", "other", "--seed", "3"), ["model 'test-model' -> 'other'", "seed 0 -> 3"])]:
         capfd.readouterr()
         with pytest.raises(SystemExit) as e:
@@ -686,8 +708,9 @@ def test_resume_under_other_settings_is_refused(tmp_path, server, monkeypatch, c
     assert open(out).read() == before and len(srv.log) == asked   # nothing written, nothing asked
     # every record says how it was made
     settings = {(r["model"], r["api"], r["prompt"], r["temperature"], r["max_new_tokens"], r["seed"],
-                 r["max_source_tokens"], r["tokenizer"], len(r["prompt_sha256"])) for r in read_jsonl(out)}
-    assert settings == {("test-model", "chat", "wikipedia", 1.0, 1024, 0, 2048, "gpt2", 16)}
+                 r["max_source_tokens"], r["tokenizer"], len(r["prompt_sha256"]), r["text_field"], r["id_field"])
+                for r in read_jsonl(out)}
+    assert settings == {("test-model", "chat", "wikipedia", 1.0, 1024, 0, 2048, "gpt2", 16, "text", None)}
     assert {k for r in read_jsonl(out) for k in r} >= set(GENERATION_SETTINGS)   # the fields pack.py compares
     # the same settings: a larger G adds only the new indices
     stats = run_main(monkeypatch, *args, "--G", "3")

@@ -58,3 +58,17 @@ def test_self_distill_sample_data():
     train = {json.loads(line)["id"] for line in open(os.path.join(ROOT, "sample_data", "train.jsonl"))}
     rows = [json.loads(line) for line in open(path)]
     assert rows and all(r["kind"] == "self-distill" and r["source_id"] in train for r in rows)
+
+
+def test_jargon_mc_task_is_built_from_held_out_entries():
+    """sample_data/tasks/jargon_mc.jsonl (build.py): each answer is the 8 words that follow the question
+    in that held-out entry, the 3 other choices come from other held-out entries, none from training."""
+    val = {d["id"]: d["text"].split() for d in map(json.loads, open(os.path.join(ROOT, "sample_data", "val.jsonl")))}
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "sample_data", "tasks", "jargon_mc.jsonl"))]
+    assert len(rows) == 198 and len({r["id"] for r in rows}) == 198
+    chunks = {" ".join(w[24:32]): i for i, w in val.items()}
+    for r in rows:
+        words = val[r["id"]]
+        assert r["question"] == " ".join(words[:24]) and r["choices"][r["answer"]] == " ".join(words[24:32])
+        assert len(set(r["choices"])) == 4 and all(chunks.get(c) not in (None, r["id"]) for i, c in
+                                                   enumerate(r["choices"]) if i != r["answer"])

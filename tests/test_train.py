@@ -1,5 +1,7 @@
 """train.py: exact mixing counts, schedule, weight-decay groups, resume (also after a crash that left
-a partial log line), DDP, the code recorded in summary.json, and one-line errors."""
+a partial log line), DDP, the code recorded in summary.json, --wandb_project (a resumed run continues
+its wandb run), and one-line errors."""
+import glob
 import json
 import os
 import socket
@@ -305,3 +307,58 @@ def test_corrupt_checkpoint_error(data, tmp_path, capfd):
                            "--out_dir", str(tmp_path / "run"))
     assert_error(code, err, tmp_path / "run" / "ckpt.pt")
     assert "weights_only" not in err
+
+
+def wandb_runs(wandb_dir):
+    """[(run id, [history record, ...]) for each offline run segment under wandb_dir, oldest first],
+    read back from the .wandb files wandb writes: LevelDB-style log blocks of 32 KiB holding
+    protobuf Records (header: CRC32, length, type; types 1 full, 2 first, 3 middle, 4 last)."""
+    import struct
+    from wandb.proto import wandb_internal_pb2 as pb
+    runs = []
+    for path in sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "run-*.wandb")), key=os.path.getmtime):
+        data, pos, chunk, history, run_id = open(path, "rb").read(), 7, b"", [], None   # 7: the file header
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if left < 7 or (kind == 0 and length == 0):   # the padded end of a block
+                pos += left
+                continue
+            chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                record, chunk = pb.Record.FromString(chunk), b""
+                if record.WhichOneof("record_type") == "run":
+                    run_id = record.run.run_id
+                elif record.WhichOneof("record_type") == "history":
+                    items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item}
+                    history.append({"step": items.pop("_step"), **{k: v for k, v in items.items() if k[0] != "_"}})
+        runs.append((run_id, history))
+    return runs
+
+
+def test_wandb_mirrors_the_log_and_a_resumed_run_continues_it(data, tmp_path):
+    pytest.importorskip("wandb", reason="wandb is not installed: --wandb_project is optional")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    args = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--real", str(data / "real"), "--val",
+            str(data / "val"), "--epochs", "2", "--out_dir", str(tmp_path / "run"), "--wandb_project", "nanosynth-test"]
+    for extra in (["--halt_at", "3"], []):   # preempted at step 3, then resumed to the end
+        r = subprocess.run(args + extra, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    run_id = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["wandb_run_id"]
+    runs = wandb_runs(tmp_path)
+    assert [rid for rid, _ in runs] == [run_id, run_id]            # one run, continued after the restart
+    assert [h["step"] for h in runs[0][1]] == [1, 2, 3]
+    by_step = {}   # wandb keeps one row per step: a step's log line and its evaluation are one row
+    for record in log:
+        by_step.setdefault(record["step"], {}).update(record)
+    assert runs[0][1] + runs[1][1] == list(by_step.values())      # every record of log.jsonl, value for value
+    assert any("val_loss" in h for h in runs[1][1])
+
+
+def test_wandb_project_without_wandb_is_a_one_line_error(data, tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(sys.modules, "wandb", None)   # as if wandb were not installed
+    assert_error(*main_error(capfd, "--real", str(data / "real"), "--val", str(data / "val"), "--out_dir",
+                             str(tmp_path / "r"), "--wandb_project", "p"), "--wandb_project", "pip install wandb")
+    assert not os.path.exists(tmp_path / "r")
