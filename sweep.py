@@ -93,7 +93,8 @@ class RunFailed(RuntimeError):
 
 
 def run_all(runs, jobs=1, threads=None, cost=None, later=0.0, log=print, started=None):
-    """runs: {out_dir: [train.py arguments]}. Runs what is not finished, `jobs` at a time, each with
+    """runs: {out_dir: [train.py arguments]}. Runs what is not finished (and checks that what is was
+    run with these arguments and data), `jobs` at a time, each with
     `threads` torch threads; returns {out_dir: summary}. cost: {out_dir: relative cost} (e.g. tokens
     to train) for the ETA and to start the longest runs first; by default all runs cost the same.
     later: the cost of work that will follow these runs, counted in the ETA. started: the time.time()
@@ -103,22 +104,28 @@ def run_all(runs, jobs=1, threads=None, cost=None, later=0.0, log=print, started
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     cost = cost or {}
     todo = sorted((d for d in runs if finished(d) is None), key=lambda d: -cost.get(d, 1))
-    if not todo:
-        return {d: finished(d) for d in runs}
-    log(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already finished), {jobs} at a time")
+    # a finished run goes to train.py too: it says "already finished" in a fraction of a second, or
+    # refuses (exit 2, naming the difference) when the folder holds a run of other settings or data,
+    # which would otherwise be taken for this one
+    done_before = [d for d in runs if d not in todo]
+    log(f"{len(todo)} of {len(runs)} runs to do ({len(done_before)} already finished: their settings are checked), "
+        f"{jobs} at a time")
     total = sum(cost.get(d, 1) for d in todo)
-    t0, done = time.time(), 0.0
+    t0, done, i = time.time(), 0.0, 0
     context = multiprocessing.get_context("spawn")   # a fresh interpreter per worker: no forked torch state
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=set_threads if threads else None,
                              initargs=(threads,) if threads else ()) as pool:
-        futures = {pool.submit(train_in_worker, d, runs[d]): d for d in todo}
-        for i, future in enumerate(as_completed(futures), 1):
+        futures = {pool.submit(train_in_worker, d, runs[d]): d for d in done_before + todo}
+        for future in as_completed(futures):
             out_dir = futures[future]
             status = future.result()
             if status != cli.OK:
                 for f in futures:
                     f.cancel()
                 raise RunFailed(out_dir, status)
+            if out_dir in done_before:
+                continue
+            i += 1
             done += cost.get(out_dir, 1)
             rate = (time.time() - t0) / done   # seconds per unit of cost, in this call
             s = finished(out_dir)

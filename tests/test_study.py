@@ -218,7 +218,7 @@ def test_run_all_progress_and_resume(tiny_run, tmp_path):
     started = time.time() - 600   # as if an earlier phase had taken 10 minutes
     summaries = sweep.run_all(runs, jobs=2, threads=1, cost={k: 1 for k in runs}, later=2.0, log=lines.append,
                               started=started)
-    assert lines[0] == "2 of 2 runs to do (0 already finished), 2 at a time"
+    assert lines[0].startswith("2 of 2 runs to do (0 already finished")
     progress = [re.fullmatch(r"  \[(\d)/2\] .*: val loss [\d.]+ \| elapsed ([\d.]+) min \| ETA ([\d.]+) min", line)
                 for line in lines[1:]]
     assert all(progress) and [int(m[1]) for m in progress] == [1, 2]
@@ -226,7 +226,12 @@ def test_run_all_progress_and_resume(tiny_run, tmp_path):
     assert all(float(m[3]) < 5.0 for m in progress)           # the ETA uses this call's pace only
     assert set(summaries) == set(runs) and all(s["steps"] > 0 for s in summaries.values())
     lines.clear()
-    assert sweep.run_all(runs, jobs=2, log=lines.append) == summaries and lines == []
+    assert sweep.run_all(runs, jobs=2, log=lines.append) == summaries and lines[0].startswith("0 of 2 runs to do")
+    # a folder that holds a finished run of other settings is not taken for this one
+    other = {str(tmp_path / "r1"): runs[str(tmp_path / "r1")][:-1] + ["3"]}
+    with pytest.raises(sweep.RunFailed) as e:
+        sweep.run_all(other, jobs=1, log=lines.append)
+    assert e.value.status == 2 and "epochs 1.0 -> 3.0" in e.value.last_lines
 
 
 # ----------------------------------------------------------------------------- statistics over seeds
