@@ -44,8 +44,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import cli
 import evaluate
 import formats
@@ -791,17 +789,17 @@ def results(study, quick):
             r = study.members[label][0]
             point = f"{r.recipe}{f' G={r.G}' if r.G else ''}, {r.epochs:g} epochs, wd {r.weight_decay:g}"
             rows.append([label, point, *[f"{v:.4f}" for v in curve], f"{fit[0]:.3g} / K^{fit[1]:.3g} + {fit[2]:.4f}",
-                         f"{fit[2]:.4f} [{low:.4f}, {high:.4f}]" + (f" ({kept} of {ENSEMBLE_RESAMPLES} resamples)"
-                                                                      if kept < ENSEMBLE_RESAMPLES else ""),
+                         f"{fit[2]:.4f} [{low:.4f}, {high:.4f}]" + (f" ({kept} of {plan.members} leave-one-out fits)"
+                                                                      if kept < plan.members else ""),
                          "; ".join(problems) or "-"])
         sections.append(
             ("" if study.self_distill else "## 9. Ensembles over K\n\n") +
             f"Ensembles of K members (seeds 0 .. {plan.members - 1} at one tuned point; probabilities averaged), "
             f"test loss of the average over every subset of K members, and the fit L(K) = A / K^B + C with its "
-            f"asymptote C; [range]: 2.5-97.5% of C over {ENSEMBLE_RESAMPLES} resamples of the {plan.members} members "
-            "(with replacement; resamples whose fit is not identifiable are left out and counted). 'rephrases' is the "
+            f"asymptote C; [interval]: C ± t x its jackknife standard error (each of the {plan.members} members left "
+            "out in turn; a leave-one-out fit that is not identifiable is left out and counted). 'rephrases' is the "
             "better of shuffled and sorted (mean val loss) at its largest G.\n\n" +
-            evaluate.markdown_table(["members", "tuned point", *[f"K={k}" for k in K], "fit", "asymptote C [range]",
+            evaluate.markdown_table(["members", "tuned point", *[f"K={k}" for k in K], "fit", "asymptote C [95% interval]",
                                      "fit problems"], rows))
         figures_extra["ensembles"] = ensembles
 
@@ -810,27 +808,31 @@ def results(study, quick):
     return "\n\n".join(sections), figures
 
 
-ENSEMBLE_RESAMPLES = 100
-
-
 def ensemble_asymptote(member_log_probs):
     """The ensemble curve over K (evaluate.ensemble_curve), its fit A / K^B + C and the fit's
-    problems, and a range for the asymptote C: its 2.5-97.5% over ENSEMBLE_RESAMPLES resamples of the
-    members with replacement (a fixed generator: the same range on every run), with the number of
-    resamples whose fit was identifiable."""
+    problems, and a 95% interval for the asymptote C by the jackknife over members: C is fitted
+    again with each member left out (the curve over K = 1 .. N - 1 of the other N - 1), and the
+    spread of those N values gives C's standard error, times the t quantile with N - 1 degrees of
+    freedom. (Resampling members with replacement would put copies of one member in an ensemble and
+    bias C upwards.) Returns the curve, the fit, its problems, (low, high) and the number of
+    leave-one-out fits that were identifiable."""
     n, K = len(member_log_probs), list(range(1, len(member_log_probs) + 1))
     curve = evaluate.ensemble_curve(member_log_probs)
     problems = []
     fit = evaluate.fit_power_law(K, curve, warn=problems.append)
-    rng, asymptotes = np.random.default_rng(0), []
-    for _ in range(ENSEMBLE_RESAMPLES):
-        resample_problems = []
-        resampled = evaluate.fit_power_law(K, evaluate.ensemble_curve([member_log_probs[i] for i in rng.integers(0, n, n)]),
-                                           warn=resample_problems.append)
-        if not resample_problems:
-            asymptotes.append(resampled[2])
-    low, high = np.quantile(asymptotes, [0.025, 0.975]) if asymptotes else (math.nan, math.nan)
-    return curve, fit, problems, (float(low), float(high)), len(asymptotes)
+    left_out = []
+    for i in range(n):
+        others = [lp for j, lp in enumerate(member_log_probs) if j != i]
+        fit_problems = []
+        C = evaluate.fit_power_law(K[:-1], evaluate.ensemble_curve(others), warn=fit_problems.append)[2]
+        if not fit_problems:
+            left_out.append(C)
+    if len(left_out) < 2:
+        return curve, fit, problems, (math.nan, math.nan), len(left_out)
+    m = len(left_out)
+    se = math.sqrt((m - 1) / m * sum((c - statistics.mean(left_out)) ** 2 for c in left_out))
+    half = evaluate.t_quantile(0.975, m - 1) * se
+    return curve, fit, problems, (fit[2] - half, fit[2] + half), m
 
 
 def colors_of(labels):
@@ -897,7 +899,7 @@ def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen
                                            [half(v) for v in o.values()], ylabel="test loss (nats)"))
     if "cda" in extra:
         c = extra["cda"]
-        labels = [f"{r}{f' G={G}' if G else ''}\ntrain {t}, eval {e}" for (r, G, t, e) in c]
+        labels = [f"{r}{f' G={G}' if G else ''}\ntrain {t}\neval {e}" for (r, G, t, e) in c]
         figures.append(evaluate.bar_figure(f"{out}/attention_masks.png", "Training x evaluation mask (test, 95% CI)",
                                            labels, [statistics.mean(v) for v in c.values()],
                                            [half(v) for v in c.values()], ylabel="test loss (nats)"))
@@ -916,7 +918,8 @@ def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen
         for label, (curve, fit, _, _, _) in extra["ensembles"].items():
             K = list(range(1, len(curve) + 1))
             series[label] = (K, curve, None)
-            series[f"{label}: fit, C = {fit[2]:.3f}"] = (K, list(evaluate.power_law(K, *fit)), None)
+            smooth = [1 + i * (len(curve) - 1) / 50 for i in range(51)]
+            series[f"{label}: fit, C = {fit[2]:.3f}"] = (smooth, list(evaluate.power_law(smooth, *fit)), None)
         figures.append(evaluate.line_figure(
             f"{out}/ensembles.png", "Ensembles of K members (test): loss and fit A / K^B + C", "members K", series,
             ylabel="test loss (nats)", logx=False, dashed=[label for label in series if ": fit" in label],

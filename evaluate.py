@@ -430,7 +430,8 @@ def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation lo
     plt = pyplot_or_note(path)
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 4.0))
+    ax.tick_params(axis="x", labelsize=8)
     spreads = [0.0 if s != s else s for s in spreads]   # nan (one seed): no bar
     ax.bar(labels, means, yerr=spreads, capsize=4, color=colors or "#4c72b0")
     for i, m in enumerate(means):
@@ -440,7 +441,8 @@ def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation lo
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", linestyle=":", alpha=0.5)
-    plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+    if not any("\n" in label for label in labels):   # one-line labels lean; several-line ones stand
+        plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -462,13 +464,14 @@ def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nat
     for label, (xs, ys) in (points or {}).items():
         ax.scatter(xs, ys, color=colors.get(label, "gray"), alpha=0.25, s=18)
     for label, (xs, ys, spreads) in series.items():
-        ax.errorbar(xs, ys, yerr=error_bars(spreads), marker="o", capsize=3, label=label, color=colors[label],
-                    linestyle="--" if label in dashed else "-")
+        ax.errorbar(xs, ys, yerr=error_bars(spreads), marker=None if label in dashed else "o", capsize=3,
+                    label=label, color=colors[label], linestyle="--" if label in dashed else "-")
     for i, (label, y) in enumerate((hlines or {}).items()):
         ax.axhline(y, color=f"C{len(series) + i}", linestyle=":", label=label)
+    ticks = sorted({x for label, (xs, _, _) in series.items() if label not in dashed for x in xs})
     if logx:
         ax.set_xscale("log", base=2)
-        ticks = sorted({x for xs, _, _ in series.values() for x in xs})
+    if logx or all(float(t).is_integer() for t in ticks):   # the measured x values as the ticks
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
