@@ -40,6 +40,7 @@ Reads checkpoints (load_model); writing them is train.py's job.
 import math
 import os
 import pickle
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -566,6 +567,12 @@ class GPT(nn.Module):
                 if ended.all():
                     break
         return idx
+
+
+def autocast(device):
+    """The precision nanosynth runs in on `device`: bfloat16 autocast on CUDA (matmuls and attention
+    in bfloat16, the residual stream, norms and the loss in float32), float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
 
 def read_checkpoint(path, device="cpu"):

@@ -33,14 +33,13 @@ import math
 import threading
 import time
 import uuid
-from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
 import cli
 from tokenizer import load_tokenizer
-from model import load_model
+from model import autocast, load_model
 
 # temperature is 0 (greedy) or in this range. float32 logits / temperature only give NaN probabilities
 # far outside it (below about 1e-40 or above float32's 3e38, e.g. 1e308), but below 0.01 sampling is
@@ -69,8 +68,7 @@ def sample(model, prompt, n, max_tokens, temperature, top_k, seed, bos, device, 
     sampled (the model's embedding is padded beyond the tokenizer's ids)."""
     g = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([prompt] * n, dtype=torch.long, device=device)
-    precision = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
-    with precision:
+    with autocast(device):
         idx = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=g,
                              vocab_size=vocab_size, stop_id=bos)
     out = []
