@@ -396,6 +396,17 @@ def train_device(name):
 # -----------------------------------------------------------------------------
 # the run
 
+def model_config(cfg, vocab):
+    """The model a run trains: the preset, the fields of cfg that override it (those > 0), and
+    vocab_size, or else the token files' vocabulary `vocab` padded to a multiple of 64."""
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size")
+                 if getattr(cfg, k) > 0}
+    if cfg.n_head > 0 and cfg.n_kv_head == 0:
+        overrides["n_kv_head"] = cfg.n_head
+    overrides["vocab_size"] = cfg.vocab_size or -(-vocab // 64) * 64
+    return GPTConfig.from_preset(cfg.model, **overrides)
+
+
 def setup(cfg):
     """Validate the config against the token files; return data, model config, device info."""
     check(0 <= cfg.mix < 1, f"mix must be in [0, 1), got {cfg.mix}")
@@ -421,14 +432,9 @@ def setup(cfg):
     for name, tf in data.items():
         check((tf.vocab_size, tf.bos_id) == (vocab, bos), f"{name} token file {tf.bin_path} has vocabulary "
               f"{tf.vocab_size} / BOS {tf.bos_id}, the real one {vocab} / {bos}: pack them with one tokenizer")
-    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size")
-                 if getattr(cfg, k) > 0}
-    if cfg.n_head > 0 and cfg.n_kv_head == 0:
-        overrides["n_kv_head"] = cfg.n_head
-    overrides["vocab_size"] = cfg.vocab_size or -(-vocab // 64) * 64
-    check(overrides["vocab_size"] >= vocab, f"vocab_size {overrides['vocab_size']} is smaller than the token "
+    model_cfg = model_config(cfg, vocab)
+    check(model_cfg.vocab_size >= vocab, f"vocab_size {model_cfg.vocab_size} is smaller than the token "
           f"files' vocabulary {vocab}")
-    model_cfg = GPTConfig.from_preset(cfg.model, **overrides)
     cfg.block_size, cfg.vocab_size = model_cfg.block_size, model_cfg.vocab_size
     check(len(data["real"]) > cfg.block_size, f"block_size {cfg.block_size} leaves no window in the real token "
           f"file {data['real'].bin_path} ({len(data['real']):,} tokens)")
