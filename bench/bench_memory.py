@@ -5,6 +5,7 @@ tensors, and a roofline model of the step's time and MFU.
 
     python bench/bench_memory.py                                  # every configs/*.json
     python bench/bench_memory.py --config configs/paper_300m.json --gpu_gib 79.6   # one config, nvidia-smi's size
+    python bench/bench_memory.py --tokens 0.8 12.8   # and the model's hours of 0.8B and 12.8B training tokens
 
 Reads the configs (train.py's TrainConfig files); writes nothing. Runs on the CPU in about half a
 minute per config: no tensor here holds data. Exit code 1 if a config does not fit.
@@ -293,6 +294,8 @@ def main(argv=None):
     ap.add_argument("--headroom", type=float, default=0.1, help="the share of the GPU left free (goal)")
     ap.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for the model (H100 SXM)")
     ap.add_argument("--hbm_tbps", type=float, default=3.35, help="memory bandwidth in TB/s (H100 SXM)")
+    ap.add_argument("--tokens", type=float, nargs="*", default=[], help="training token counts (in billions) to "
+                    "print the model's hours of, at each config's compiled MFU")
     args = ap.parse_args(argv)
     configs = []
     try:
@@ -307,7 +310,7 @@ def main(argv=None):
           f"{args.gpu_gib:.1f}); a model's step time and MFU on {args.peak_tflops:g} TFLOP/s and {args.hbm_tbps:g} TB/s")
     print(f"{'config':<16} {'step':>13} {'vocab':>7} | {'memory: step':>12} {'compiled':>8} {'eval':>6} {'compiled':>8} "
           f"{'fits':>4} | {'model: step s':>13} {'compiled':>8} {'MFU':>5} {'compiled':>8} {'bound':>5}")
-    failed = False
+    failed, hours = False, []
     for path, cfg, model_cfg in configs:
         eager, comp = (fake_run(cfg, model_cfg, compiled, peak, bandwidth) for compiled in (False, True))
         peaks = [eager["step"], comp["step"], eager["evaluation"], comp["evaluation"]]
@@ -319,12 +322,17 @@ def main(argv=None):
               f"{model_cfg.vocab_size:>7} | " + " ".join(f"{p / GIB:>{w}.2f}" for p, w in zip(peaks, (12, 8, 6, 8))) +
               f" {'yes' if fits else 'NO':>4} | {eager['seconds']:>13.3f} {comp['seconds']:>8.3f} "
               + " ".join(f"{u:>{w}.1%}" for u, w in zip(utilization, (5, 8, 5))))
+        per_token = training_flops(vars(model_cfg), 1) / (utilization[1] * peak) / 3600
+        hours.append(f"{os.path.basename(path)}: " + ", ".join(f"{b:g}B tokens {b * 1e9 * per_token:.2f} h"
+                                                                for b in args.tokens))
     print(f"step: grad_accum x batch_size x block_size; memory: eager, and compiled (torch.compile's partitioned "
           f"graphs op by op: an upper estimate); the document and megadoc masks add their BlockMask (counted in "
           f"'fits'; {eager['block_mask'] / 2 ** 20:.2f} MiB at batch {cfg.batch_size} x {model_cfg.block_size}). "
           f"model (no GPU was measured): eager = every "
           f"operation through memory, compiled = all but matmuls and attention fused, bound = matmuls and attention "
           f"at 75% of the peak alone")
+    if args.tokens:
+        print("hours of training on one such GPU at the compiled model's MFU: " + "; ".join(hours))
     if failed:
         raise SystemExit(1)
 
