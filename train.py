@@ -10,7 +10,9 @@ train.py: the data-constrained training loop of the paper, for one run.
 Reads:  token files written by pack.py (OUT.bin/.idx/.json): --real (training), --synthetic
         (optional), --val (held-out real documents), --long (optional second domain, long documents).
 Writes: OUT_DIR/ckpt.pt (atomically; resumed from automatically), OUT_DIR/log.jsonl (one JSON
-        object per log line and per evaluation; a resumed run repairs it and appends), and
+        object per log line and per evaluation; a resumed run repairs it and appends; tokens/s,
+        and MFU on a GPU of evaluate.PEAK_TFLOPS or with --peak_tflops, are timed from the second
+        step of each (re)start: the first compiles and warms up), and
         OUT_DIR/summary.json (config, final metrics, and the code that ran: "code" holds the git
         commit of this checkout and whether its tracked files were modified).
         With --wandb_project P (optional: pip install wandb), every log.jsonl record also goes to
@@ -27,6 +29,10 @@ The semantics:
     in one place: Mixture).
   * The data order is a pure function of (data_seed, step), so a resumed run sees exactly the
     batches it would have seen.
+  * The device is waited for once a step (for its loss). Each step's batch is built once, on the
+    host, while the device works through the step before it (in pinned memory on CUDA, copied
+    without blocking). Evaluation runs on the training device, through the compiled model when
+    training is compiled, each process of a torchrun evaluating its share of the batches.
 
 Exit codes (cli.py): 0 trained, or already finished; 2 bad settings or files, one line "error: ...";
 1 a bug, with its traceback.
@@ -480,7 +486,9 @@ def main(argv=None):
         state["codes"] = codes_with_this_one(state["codes"], log)
     if state["step"]:
         log(f"resuming from {ckpt_path} at step {state['step']}")
-    compiled = torch.compile(model) if cfg.compile else model
+    # static shapes: one graph for the training step and one for evaluation (its last batch padded),
+    # none of them a dynamic-shape recompile when the evaluation batch differs from the training one
+    compiled = torch.compile(model, dynamic=False) if cfg.compile else model
     train_model = torch.nn.parallel.DistributedDataParallel(compiled) if ddp else compiled
     tokenizer = data["real"].meta.get("tokenizer", "gpt2")
 
