@@ -348,7 +348,7 @@ def main(argv=None):
         else:
             try:
                 result = {"status": "ok", **stage(ctx)}
-            except Exception as e:   # one stage's failure is its result; the next stages still run
+            except (Exception, SystemExit) as e:   # one stage's failure (train.py's exit too) is its result; the next run
                 result = {"status": "FAIL", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}",
                           "traceback": traceback.format_exc()[-4000:]}
         result["seconds"] = time.time() - t0
