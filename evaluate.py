@@ -33,28 +33,32 @@ import torch
 
 import cli
 from formats import DataError, TokenFile
-from model import document_ids, load_model
+from model import autocast, document_ids, load_model
 
 # -----------------------------------------------------------------------------
 # losses of one model: i.i.d. (held-out real documents) and long documents by position
 
 @torch.no_grad()
 def per_token_losses(model, tokens, groups, mask, bos_id, device, ctx=nullcontext()):
-    """Per-token losses of (B, T + 1) token rows (targets of -1 are padding), on the CPU in float32."""
+    """Per-token losses of (B, T + 1) token rows (targets of -1 are padding), float32, on `device`."""
     x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
     with ctx:
         _, loss = model(x, y, doc_ids=document_ids(x, bos_id), group_ids=groups.to(device),
                         mask_kind=mask, reduction="none")
-    return loss.float().cpu()
+    return loss.float()
 
 
-def eval_batches(tf, T, batch_size):
+def eval_batches(tf, T, batch_size, fixed_shape=False, shard=(0, 1)):
     """Every window of a token file once, in order, the short tail too, as (B, T + 1) token rows
-    (-1 pads the tail: no target there) and their (B, T) group ids."""
+    (-1 pads the tail: no target there), their (B, T) group ids and the (B, T) mask of real
+    targets. fixed_shape: the last batch too has batch_size rows (rows of padding), so that a
+    compiled model sees one shape. shard (rank, world): only batches rank, rank + world, ... (each
+    process of a run evaluates its share)."""
     n = len(tf)
     starts = list(range(0, n - 1, T))
-    for i in range(0, len(starts), batch_size):
-        rows = np.full((len(starts[i: i + batch_size]), T + 1), -1, dtype=np.int64)
+    rank, world = shard
+    for i in range(rank * batch_size, len(starts), world * batch_size):
+        rows = np.full((batch_size if fixed_shape else len(starts[i: i + batch_size]), T + 1), -1, dtype=np.int64)
         groups = np.full((len(rows), T), -1, dtype=np.int64)
         for r, s in enumerate(starts[i: i + batch_size]):
             chunk = tf.tokens[s: s + T + 1]
@@ -66,31 +70,60 @@ def eval_batches(tf, T, batch_size):
         yield tokens, torch.from_numpy(groups), valid
 
 
-def stream_loss(model, tf, mask, batch_size, device, ctx=nullcontext()):
-    """Mean loss (nats) over every token of a token file."""
-    total, count = 0.0, 0
-    for tokens, groups, valid in eval_batches(tf, model.config.block_size, batch_size):
+def in_batch_order(own, n_batches, shape, shard, device):
+    """The per-batch results of every process, in batch order, as one (n_batches, *shape) float64
+    CPU tensor. `own` holds this process's (for its batches rank, rank + world, ...: eval_batches'
+    shard); across processes they are combined by one all-reduce of a table in which each batch's
+    row is written by one process only (x + 0 is x), so that adding them up in batch order gives,
+    to the last bit, what one process computes."""
+    rank, world = shard
+    if world == 1:
+        return torch.stack(own).double().cpu()
+    table = torch.zeros(n_batches, *shape, dtype=torch.float64, device=device)
+    if own:
+        table[rank::world] = torch.stack(own).double()
+    torch.distributed.all_reduce(table)
+    return table.cpu()
+
+
+def stream_loss(model, tf, mask, batch_size, device, ctx=nullcontext(), fixed_shape=False, shard=(0, 1)):
+    """Mean loss (nats) over every token of a token file (sharded over processes with shard, see
+    eval_batches and in_batch_order: the same loss as one process's)."""
+    T = model.config.block_size
+    own = []   # (loss sum, real targets) of each of this process's batches
+    for tokens, groups, valid in eval_batches(tf, T, batch_size, fixed_shape, shard):
         loss = per_token_losses(model, tokens, groups, mask, tf.bos_id, device, ctx)
-        total += loss[valid].double().sum().item()
-        count += int(valid.sum())
+        valid = valid.to(device)
+        own.append(torch.stack([loss[valid].double().sum(), valid.sum().double()]))
+    total, count = 0.0, 0
+    windows = len(range(0, len(tf) - 1, T))
+    for loss_sum, n in in_batch_order(own, -(-windows // batch_size), (2,), shard, device).tolist():
+        total += loss_sum
+        count += int(n)
     return total / count
 
 
-def loss_by_position(model, tf, mask, batch_size, device, ctx=nullcontext()):
+def loss_by_position(model, tf, mask, batch_size, device, ctx=nullcontext(), fixed_shape=False, shard=(0, 1)):
     """Mean loss by position inside long documents: each document's first block_size tokens,
-    aligned to its start, bucketed by powers of two (position 1-1, 2-3, 4-7, ...)."""
+    aligned to its start, bucketed by powers of two (position 1-1, 2-3, 4-7, ...). fixed_shape and
+    shard as for stream_loss."""
     T = model.config.block_size
     ends = list(tf.starts[1:]) + [len(tf)]
     rows = [np.asarray(tf.tokens[s: s + T + 1], dtype=np.int64) for s, e in zip(tf.starts, ends) if e - s > T]
     if not rows:
         return {}
-    sums, counts = torch.zeros(T, dtype=torch.float64), 0
-    for i in range(0, len(rows), batch_size):
-        tokens = torch.from_numpy(np.stack(rows[i: i + batch_size]))
+    rank, world = shard
+    own = []   # the sums over rows of each of this process's batches, by position
+    for i in range(rank * batch_size, len(rows), world * batch_size):
+        batch = rows[i: i + batch_size]
+        tokens = torch.from_numpy(np.stack(batch + [np.full(T + 1, -1)] * (batch_size - len(batch) if fixed_shape else 0)))
+        tokens[:, :-1].clamp_(min=0)   # padding rows: no target anywhere, a loss of 0
         groups = torch.zeros(tokens.size(0), T, dtype=torch.long)
-        sums += per_token_losses(model, tokens, groups, mask, tf.bos_id, device, ctx).double().sum(0)
-        counts += tokens.size(0)
-    by_position = sums / counts     # position p predicts token p + 1 of the document
+        own.append(per_token_losses(model, tokens, groups, mask, tf.bos_id, device, ctx).double().sum(0))
+    sums = torch.zeros(T, dtype=torch.float64)
+    for batch_sums in in_batch_order(own, -(-len(rows) // batch_size), (T,), shard, device):
+        sums += batch_sums
+    by_position = sums / len(rows)     # position p predicts token p + 1 of the document
     buckets, lo = {}, 1
     while lo < T:
         hi = min(2 * lo, T)
@@ -100,19 +133,24 @@ def loss_by_position(model, tf, mask, batch_size, device, ctx=nullcontext()):
 
 
 def evaluate_model(model, val, test=None, long=None, mask="causal", batch_size=16, device="cpu", ctx=nullcontext(),
-                   train=None):
+                   train=None, fixed_shape=False, shard=(0, 1)):
     """{"val_loss"} on the held-out token file `val`, "test_loss" on a second held-out split when
     given, "long_loss" and "long_loss_by_position" when a token file of long documents is given, and
-    "train_loss" on the training tokens when given. Leaves the model in train mode."""
+    "train_loss" on the training tokens when given. Leaves the model in train mode. model may be a
+    torch.compile'd one: fixed_shape pads the last batch so that it sees one shape. shard (rank,
+    world): each of a run's processes evaluates every world-th batch and all get the metrics one
+    process would (in_batch_order)."""
     model.eval()
-    metrics = {"val_loss": stream_loss(model, val, mask, batch_size, device, ctx)}
+    loss = lambda tf: stream_loss(model, tf, mask, batch_size, device, ctx, fixed_shape, shard)
+    metrics = {"val_loss": loss(val)}
     if train is not None:
-        metrics["train_loss"] = stream_loss(model, train, mask, batch_size, device, ctx)
+        metrics["train_loss"] = loss(train)
     if test is not None:
-        metrics["test_loss"] = stream_loss(model, test, mask, batch_size, device, ctx)
+        metrics["test_loss"] = loss(test)
     if long is not None:
-        metrics["long_loss"] = stream_loss(model, long, mask, batch_size, device, ctx)
-        metrics["long_loss_by_position"] = loss_by_position(model, long, mask, batch_size, device, ctx)
+        metrics["long_loss"] = loss(long)
+        metrics["long_loss_by_position"] = loss_by_position(model, long, mask, batch_size, device, ctx, fixed_shape,
+                                                            shard)
     model.train()
     return metrics
 
@@ -125,10 +163,12 @@ def evaluate_model(model, val, test=None, long=None, mask="causal", batch_size=1
 def target_log_probs(model, tf, mask, batch_size=16, device="cpu"):
     """log p(next token) of one model at every held-out token of a token file, in file order
     (float64, on the CPU): all an ensemble needs of a member, so its memory does not grow with the
-    vocabulary."""
-    parts = []
-    for tokens, groups, valid in eval_batches(tf, model.config.block_size, batch_size):
-        parts.append(-per_token_losses(model, tokens, groups, mask, tf.bos_id, device)[valid].double())
+    vocabulary (the model's loss never holds more than a slice of the logits: model.head_cross_entropy).
+    Run on `device` (bfloat16 autocast on CUDA, the tail batch padded there: model.autocast)."""
+    parts, on_cpu = [], str(device).startswith("cpu")
+    for tokens, groups, valid in eval_batches(tf, model.config.block_size, batch_size, fixed_shape=not on_cpu):
+        loss = per_token_losses(model, tokens, groups, mask, tf.bos_id, device, autocast(device))
+        parts.append(-loss.cpu()[valid].double())
     return torch.cat(parts)
 
 
@@ -384,6 +424,26 @@ def training_flops(model_config, tokens):
     per_layer = 2 * c["n_embd"] ** 2 + 2 * c["n_embd"] * kv_width + 3 * c["n_embd"] * c["mlp_hidden"]
     matmul_params = c["n_layer"] * per_layer + c["n_embd"] * c["vocab_size"]
     return tokens * (6 * matmul_params + 6 * c["n_layer"] * c["n_embd"] * c["block_size"])
+
+
+# Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity) of known GPUs, from their vendors' data
+# sheets, found by a part of torch.cuda.get_device_name() (the first that matches: more specific first).
+PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("H100", 989), ("H200", 989),
+               ("B200", 2250), ("A100", 312), ("L40S", 362), ("L4", 121), ("A10", 125), ("RTX 4090", 165))
+
+
+def peak_flops(device):
+    """The dense bfloat16 peak (FLOP/s) of a CUDA device, from PEAK_TFLOPS by its name; None for
+    other devices (the CPU) and GPUs the table does not know (train.py: give --peak_tflops)."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for part, tflops in PEAK_TFLOPS if part in name), None)
+
+
+def mfu(tokens_per_s, model_config, peak):
+    """Model FLOPs utilization: training_flops per token x tokens/s over the device's peak FLOP/s."""
+    return tokens_per_s * training_flops(model_config, 1) / peak
 
 
 def generation_flops(tokens, generator_params=8e9):

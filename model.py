@@ -15,16 +15,21 @@ Attention masks (one predicate, three kinds, see make_mask_mod)
     source-group ids that the caller rebuilds from pack.py's side index. The mask is built once per
     forward pass and shared by every layer.
 
-Two attention paths, one meaning
-    CUDA:      flex_attention (torch.compile'd lazily, once) with a BlockMask.
-    elsewhere: F.scaled_dot_product_attention with a dense boolean (B, 1, T, T) mask, because in
-               torch 2.13 flex_attention has no backward on CPU. Force a path with attn_impl=.
+Two attention paths, one meaning (attn_impl: "flex" or "sdpa"; "auto" picks flex on CUDA, SDPA
+elsewhere)
+    causal     SDPA's fused causal kernel on either path (on the CPU, past 128 tokens, computed by
+               blocks of keys: causal_attention).
+    flex:      the document and megadoc masks as a BlockMask for flex_attention, compiled (see _flex).
+    sdpa:      on the CPU, one causal attention per segment (segment_attention), because in torch
+               2.13 flex_attention has no backward on CPU; elsewhere, or when a megadoc is split
+               by another source, SDPA with a dense boolean (B, 1, T, T) mask.
 
 Usage
     from model import GPT, GPTConfig, document_ids, load_model
     cfg = GPTConfig.from_preset("cpu-4x256", vocab_size=50304)
     model = GPT(cfg)
-    logits, loss = model(idx, targets, doc_ids=document_ids(idx, bos_id=50256), mask_kind="document")
+    _, loss = model(idx, targets, doc_ids=document_ids(idx, bos_id=50256), mask_kind="document")
+    logits, _ = model(idx)                     # logits without targets (or with return_logits=True)
     out = model.generate(bos_prompt, max_new_tokens=256, temperature=1.0, top_k=None)
 
     model, ckpt = load_model("out/runs/real/ckpt.pt")   # a checkpoint written by train.py
@@ -35,11 +40,13 @@ Reads checkpoints (load_model); writing them is train.py's job.
 import math
 import os
 import pickle
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 MASK_KINDS = ("causal", "document", "megadoc")
@@ -153,18 +160,25 @@ def dense_mask(mask_mod, B, T, device=None):
     return mask_mod(b, h, q, kv).expand(B, 1, T, T)
 
 
-_compiled_flex = None
+# On CUDA outside a compiled model, flex_attention and create_block_mask run through these
+# module-level compiled versions (uncompiled, flex_attention materializes the T x T scores). Inside a
+# model compiled with torch.compile they are called plainly: the outer compile captures and fuses
+# them, with no graph break and no second compile (a compiled function called from compiled code,
+# or create_block_mask(_compile=True), which torch 2.13 deprecates with a warning, would break the
+# graph). A new BlockMask and mask closure on every batch do not recompile; a new shape does.
+_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+_compiled_create_block_mask = torch.compile(create_block_mask)
 
 
 def _flex(q, k, v, block_mask, enable_gqa):
-    # Uncompiled flex_attention materializes the full score matrix; on CUDA we compile it once,
-    # lazily, so importing this file stays cheap. Off CUDA (tests) it runs eagerly, forward only.
-    global _compiled_flex
-    if q.device.type != "cuda":
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def _block_mask(mask_mod, B, T, device):
+    make = create_block_mask if device.type != "cuda" or torch.compiler.is_compiling() else _compiled_create_block_mask
+    return make(mask_mod, B, None, T, T, device=device)
 
 
 def segment_spans(ids):
@@ -246,6 +260,39 @@ def segment_attention(q, k, v, spans, enable_gqa=False):
     return torch.cat([torch.cat([causal_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
                                                   enable_gqa) for s, e in row], dim=2)
                       for b, row in enumerate(spans)], dim=0)
+
+# -----------------------------------------------------------------------------
+# the loss: the output head and cross-entropy, a slice of rows at a time when the logits are large
+
+# Logits are computed (in float32) at most this many elements at a time: a quarter of 2^31, far
+# from the 2^31-element kernels of CUDA's cross-entropy, and 1 GiB per piece. The CPU demo's 4,096 x
+# 1,088 logits are one piece; batch 8 x 4,096 with the 128,256-token vocabulary is 8 pieces.
+CE_PIECE_ELEMENTS = 1 << 29
+
+
+def _rows_cross_entropy(rows, weight, targets, reduction="none"):
+    # float32 logits: the softmax over 128k classes is where low precision hurts the loss
+    return F.cross_entropy(F.linear(rows, weight).float(), targets, ignore_index=-1, reduction=reduction)
+
+
+def head_cross_entropy(rows, weight, targets, reduction="mean"):
+    """Cross-entropy of the output head on (N, C) final hidden states, without holding the (N, V)
+    logits whole when they exceed CE_PIECE_ELEMENTS: each slice of rows computes its logits and its
+    per-token losses, and under autograd the slice is checkpointed (its logits are recomputed in
+    the backward instead of kept), so the peak is one slice's logits. One slice (the usual case on
+    small models) is exactly F.cross_entropy of the whole logits. Targets of -1 are ignored."""
+    rows_per_piece = max(1, CE_PIECE_ELEMENTS // weight.size(0))
+    if rows.size(0) <= rows_per_piece:
+        return _rows_cross_entropy(rows, weight, targets, reduction)
+    pieces = []
+    for i in range(0, rows.size(0), rows_per_piece):
+        args = (rows[i:i + rows_per_piece], weight, targets[i:i + rows_per_piece])
+        pieces.append(torch.utils.checkpoint.checkpoint(_rows_cross_entropy, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else _rows_cross_entropy(*args))
+    losses = torch.cat(pieces)
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.sum() / (targets != -1).sum()
 
 # -----------------------------------------------------------------------------
 # the model
@@ -427,13 +474,10 @@ class GPT(nn.Module):
         for name, ids in (("doc_ids", doc_ids), ("group_ids", group_ids)):
             if ids is not None and tuple(ids.shape) != (B, T):
                 raise ValueError(f"{name} must have shape {(B, T)}, got {tuple(ids.shape)}")
-        if attn_impl == "flex":
-            # a causal mask is the same for every row of the batch: one block mask, broadcast
-            mask_B = None if mask_kind == "causal" else B
-            # _compile=True builds the block mask without materializing B x T x T on the GPU
-            return create_block_mask(mask_mod, mask_B, None, T, T, device=device, _compile=(device.type == "cuda"))
         if mask_kind == "causal":
-            return None  # causal_attention: same predicate, no mask tensor, fastest kernels
+            return None  # causal_attention: SDPA's fused causal kernel (or the CPU's blocked one) for either impl
+        if attn_impl == "flex":
+            return _block_mask(mask_mod, B, T, device)
         if device.type == "cpu":
             spans = segment_spans(doc_ids if mask_kind == "document" else group_ids)
             if spans is not None:
@@ -441,11 +485,14 @@ class GPT(nn.Module):
         return dense_mask(mask_mod, B, T, device)
 
     def forward(self, idx, targets=None, doc_ids=None, group_ids=None, mask_kind="causal", reduction="mean",
-                attn_impl="auto"):
-        """idx (B, T) token ids -> (logits (B, T, vocab) float32, loss).
-        loss is None without targets; reduction="mean" gives a scalar, "none" the per-token losses
-        (B, T) (0 where the target is -1, the ignore index), "sum" their sum.
-        attn_impl: "auto" (flex on CUDA, SDPA elsewhere), "flex" or "sdpa"."""
+                attn_impl="auto", return_logits=False):
+        """idx (B, T) token ids -> (logits, loss).
+        Without targets: logits (B, T, vocab) float32 and loss None. With targets: the loss, and the
+        logits only if return_logits (they are the largest tensor of a step: 15.7 GiB at batch
+        8 x 4,096 with the 128,256-token vocabulary; head_cross_entropy never holds them whole).
+        reduction="mean" gives a scalar, "none" the per-token losses (B, T) (0 where the target is
+        -1, the ignore index), "sum" their sum. attn_impl: "auto" (flex on CUDA, SDPA elsewhere),
+        "flex" or "sdpa"."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -459,18 +506,14 @@ class GPT(nn.Module):
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        # float32 logits: the softmax over 128k classes is where low precision hurts the loss
-        logits = self.lm_head(self.norm(x)).float()
-
-        loss = None
-        if targets is not None:
-            if reduction not in ("mean", "sum", "none"):
-                raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
-                                   reduction=reduction)
-            if reduction == "none":
-                loss = loss.view(B, T)
-        return logits, loss
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x).float(), None
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        loss = head_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), reduction)
+        logits = self.lm_head(x).float() if return_logits else None
+        return logits, (loss.view(B, T) if reduction == "none" else loss)
 
     def _step(self, idx, cache):
         """Logits of the last position, running only the new tokens idx through the model and
@@ -485,9 +528,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True,
-                 vocab_size=None):
+                 vocab_size=None, stop_id=None):
         """Sample max_new_tokens after each of the B equal-length prompts in idx (B, T0), e.g. a
-        (B, 1) tensor of BOS tokens for unconditional samples. Returns (B, T0 + max_new_tokens).
+        (B, 1) tensor of BOS tokens for unconditional samples. Returns (B, T0 + max_new_tokens), or
+        fewer columns when stop_id is given and every row has sampled it (rows keep sampling after
+        their own stop_id until all have one: cut each row at its first). One KV cache holds the
+        whole sample: the prompt is prefilled once, then one token a step.
         temperature 0 is greedy; top_k keeps the k most likely tokens. Causal attention only.
         vocab_size: sample only ids below it (the tokenizer's size: the embedding may be padded).
         The whole output must fit in block_size: longer requests raise ValueError rather than
@@ -499,7 +545,7 @@ class GPT(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         cache = KVCache(self.config.n_layer, T0 + max_new_tokens) if use_cache else None
-        new = idx
+        new, ended = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if use_cache:
                 logits = self._step(new, cache)  # prefill the whole prompt once, then one token a step
@@ -516,7 +562,17 @@ class GPT(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 new = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, new], dim=1)
+            if stop_id is not None:
+                ended |= new[:, 0] == stop_id
+                if ended.all():
+                    break
         return idx
+
+
+def autocast(device):
+    """The precision nanosynth runs in on `device`: bfloat16 autocast on CUDA (matmuls and attention
+    in bfloat16, the residual stream, norms and the loss in float32), float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
 
 def read_checkpoint(path, device="cpu"):

@@ -39,9 +39,8 @@ import torch
 
 import cli
 from tokenizer import load_tokenizer
-from model import load_model
+from model import autocast, load_model
 
-CHUNK = 64  # tokens sampled per model.generate call; between calls we stop if every choice has ended
 # temperature is 0 (greedy) or in this range. float32 logits / temperature only give NaN probabilities
 # far outside it (below about 1e-40 or above float32's 3e38, e.g. 1e308), but below 0.01 sampling is
 # greedy in all but name and above 100 it is uniform noise: such values are more likely mistakes.
@@ -64,15 +63,14 @@ class BadRequest(ValueError):
 
 def sample(model, prompt, n, max_tokens, temperature, top_k, seed, bos, device, vocab_size=None):
     """n continuations of the token list prompt: a list of (tokens, finish_reason), each cut at
-    (and including) its first BOS. Only ids below vocab_size are sampled (the model's embedding is
-    padded beyond the tokenizer's ids)."""
+    (and including) its first BOS. One model.generate call with one KV cache for the whole sample,
+    stopped as soon as every choice has its BOS; bfloat16 on CUDA. Only ids below vocab_size are
+    sampled (the model's embedding is padded beyond the tokenizer's ids)."""
     g = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([prompt] * n, dtype=torch.long, device=device)
-    while idx.size(1) - len(prompt) < max_tokens:
-        steps = min(CHUNK, max_tokens - (idx.size(1) - len(prompt)))
-        idx = model.generate(idx, steps, temperature=temperature, top_k=top_k, generator=g, vocab_size=vocab_size)
-        if (idx[:, len(prompt):] == bos).any(dim=1).all():
-            break  # every choice has ended: no need to sample up to max_tokens
+    with autocast(device):
+        idx = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=g,
+                             vocab_size=vocab_size, stop_id=bos)
     out = []
     for row in idx[:, len(prompt):].tolist():
         if bos in row:

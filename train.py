@@ -10,7 +10,9 @@ train.py: the data-constrained training loop of the paper, for one run.
 Reads:  token files written by pack.py (OUT.bin/.idx/.json): --real (training), --synthetic
         (optional), --val (held-out real documents), --long (optional second domain, long documents).
 Writes: OUT_DIR/ckpt.pt (atomically; resumed from automatically), OUT_DIR/log.jsonl (one JSON
-        object per log line and per evaluation; a resumed run repairs it and appends), and
+        object per log line and per evaluation; a resumed run repairs it and appends; tokens/s,
+        and MFU on a GPU of evaluate.PEAK_TFLOPS or with --peak_tflops, are timed from the second
+        step of each (re)start: the first compiles and warms up), and
         OUT_DIR/summary.json (config, final metrics, and the code that ran: "code" holds the git
         commit of this checkout and whether its tracked files were modified).
         With --wandb_project P (optional: pip install wandb), every log.jsonl record also goes to
@@ -27,6 +29,10 @@ The semantics:
     in one place: Mixture).
   * The data order is a pure function of (data_seed, step), so a resumed run sees exactly the
     batches it would have seen.
+  * The device is waited for once a step (for its loss). Each step's batch is built once, on the
+    host, while the device works through the step before it (in pinned memory on CUDA, copied
+    without blocking). Evaluation runs on the training device, through the compiled model when
+    training is compiled, each process of a torchrun evaluating its share of the batches.
 
 Exit codes (cli.py): 0 trained, or already finished; 2 bad settings or files, one line "error: ...";
 1 a bug, with its traceback.
@@ -47,9 +53,9 @@ import torch
 import torch.distributed as dist
 
 import cli
-from evaluate import evaluate_model
+from evaluate import evaluate_model, mfu, peak_flops
 from formats import DataError, TokenFile, atomic_open, cut_partial_line, read_jsonl, require
-from model import GPT, GPTConfig, MASK_KINDS, PRESETS, document_ids, read_checkpoint
+from model import GPT, GPTConfig, MASK_KINDS, PRESETS, autocast, document_ids, read_checkpoint
 
 
 def arg(default, help):
@@ -95,6 +101,8 @@ class TrainConfig:
     # system
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     compile: bool = arg(False, "torch.compile the model (a win on GPUs; on the CPU demo's small runs it is not)")
+    peak_tflops: float = arg(0.0, "the device's peak bfloat16 TFLOP/s, for the MFU in the log (0: from "
+                                  "evaluate.PEAK_TFLOPS by the GPU's name; no MFU on the CPU)")
     out_dir: str = arg("out/runs/run", "checkpoint, log and summary go here; a run resumes from its checkpoint")
     log_interval: int = arg(10, "steps between log lines")
     eval_interval: int = arg(0, "steps between evaluations (0: only at the end)")
@@ -106,8 +114,8 @@ class TrainConfig:
 
 
 # fields that do not change what a run computes: a resumed run may change them
-RESUMABLE_CHANGES = {"val", "test", "long", "eval_train", "device", "compile", "out_dir", "log_interval", "eval_interval",
-                     "ckpt_interval", "eval_batch_size", "halt_at", "wandb_project"}
+RESUMABLE_CHANGES = {"val", "test", "long", "eval_train", "device", "compile", "peak_tflops", "out_dir", "log_interval",
+                     "eval_interval", "ckpt_interval", "eval_batch_size", "halt_at", "wandb_project"}
 
 
 def parse_bool(text):
@@ -163,19 +171,16 @@ class Windows:
         self.tf, self.T, self.seed, self.stream = token_file, block_size, seed, stream
         self.n = (len(token_file) - 1) // block_size
         check(self.n > 0, f"{token_file.bin_path}: {len(token_file)} tokens make no window of {block_size + 1}")
+        self._order = (None, None)   # (pass, its order): drawn once per pass, not once per step
 
     def order(self, epoch):
-        return np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n))
+        return self._order[1]
 
     def pick(self, first, count):
         """Window numbers of the stream's sequences first .. first + count - 1 (passes repeat)."""
-        out, cache = [], {}
-        for i in range(first, first + count):
-            epoch, pos = divmod(i, self.n)
-            if epoch not in cache:
-                cache[epoch] = self.order(epoch)
-            out.append(int(cache[epoch][pos]))
-        return out
+        return [int(self.order(i // self.n)[i % self.n]) for i in range(first, first + count)]
 
     def window(self, w):
         """Tokens (block_size + 1) and per-token source-group ids (block_size) of window w."""
@@ -223,13 +228,23 @@ class Mixture:
         return ([(self.syn, w) for w in self.syn.pick(step * self.n_syn, self.n_syn)] if self.n_syn else []) + \
             [(self.real, w) for w in self.real.pick(step * self.n_real, self.n_real)]
 
-    def micro_batch(self, step, micro, rank):
-        """Tokens (batch_size, block_size + 1) and source-group ids (batch_size, block_size) of one
-        micro-step of one process: micro-step `micro` of process `rank` takes the slice of the
-        global batch that starts at (micro x world_size + rank) x batch_size."""
-        lo = (micro * self.world_size + rank) * self.batch_size
-        rows, groups = zip(*[stream.window(w) for stream, w in self.global_batch(step)[lo: lo + self.batch_size]])
-        return np.stack(rows).astype(np.int64), np.stack(groups)
+    def step_batch(self, step, rank):
+        """What process `rank` trains on in one step, built once: tokens (micro_steps, batch_size,
+        block_size + 1) and source-group ids (micro_steps, batch_size, block_size). Its micro-step
+        `micro` takes the slice of the global batch that starts at (micro x world_size + rank) x
+        batch_size."""
+        batch, B = self.global_batch(step), self.batch_size
+        rows = [batch[(micro * self.world_size + rank) * B + i] for micro in range(self.micro_steps) for i in range(B)]
+        tokens, groups = zip(*[stream.window(w) for stream, w in rows])
+        return (np.stack(tokens).astype(np.int64).reshape(self.micro_steps, B, -1),
+                np.stack(groups).reshape(self.micro_steps, B, -1))
+
+
+def host_batch(mix, step, rank, pin):
+    """One step's batch of this process (Mixture.step_batch) as CPU tensors; in pinned memory when
+    pin (on CUDA), from which the copy to the GPU does not block the host."""
+    tensors = [torch.from_numpy(a) for a in mix.step_batch(step, rank)]
+    return [t.pin_memory() for t in tensors] if pin else tensors
 
 
 def lr_at(step, steps, cfg):
@@ -387,12 +402,24 @@ def train_device(name):
 # -----------------------------------------------------------------------------
 # the run
 
+def model_config(cfg, vocab):
+    """The model a run trains: the preset, the fields of cfg that override it (those > 0), and
+    vocab_size, or else the token files' vocabulary `vocab` padded to a multiple of 64."""
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size")
+                 if getattr(cfg, k) > 0}
+    if cfg.n_head > 0 and cfg.n_kv_head == 0:
+        overrides["n_kv_head"] = cfg.n_head
+    overrides["vocab_size"] = cfg.vocab_size or -(-vocab // 64) * 64
+    return GPTConfig.from_preset(cfg.model, **overrides)
+
+
 def setup(cfg):
     """Validate the config against the token files; return data, model config, device info."""
     check(0 <= cfg.mix < 1, f"mix must be in [0, 1), got {cfg.mix}")
     check(0 < cfg.epochs < math.inf, f"epochs must be a number > 0, got {cfg.epochs}")
-    for name in ("lr", "weight_decay", "grad_clip", "warmup_frac", "min_lr_frac", "beta1", "beta2", "eps"):
+    for name in ("lr", "weight_decay", "grad_clip", "warmup_frac", "min_lr_frac", "beta1", "beta2", "eps", "peak_tflops"):
         check(math.isfinite(getattr(cfg, name)), f"{name} must be a finite number, got {getattr(cfg, name)}")
+    check(cfg.peak_tflops >= 0, f"peak_tflops must be >= 0 (0: from the GPU's name), got {cfg.peak_tflops}")
     check(cfg.mask in MASK_KINDS, f"mask must be one of {MASK_KINDS}, got {cfg.mask!r}")
     check(cfg.model in PRESETS, f"model must be a preset of model.py {sorted(PRESETS)}, got {cfg.model!r}")
     check(cfg.mix == 0 or cfg.synthetic, "mix > 0 needs a --synthetic token file")
@@ -411,14 +438,9 @@ def setup(cfg):
     for name, tf in data.items():
         check((tf.vocab_size, tf.bos_id) == (vocab, bos), f"{name} token file {tf.bin_path} has vocabulary "
               f"{tf.vocab_size} / BOS {tf.bos_id}, the real one {vocab} / {bos}: pack them with one tokenizer")
-    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size")
-                 if getattr(cfg, k) > 0}
-    if cfg.n_head > 0 and cfg.n_kv_head == 0:
-        overrides["n_kv_head"] = cfg.n_head
-    overrides["vocab_size"] = cfg.vocab_size or -(-vocab // 64) * 64
-    check(overrides["vocab_size"] >= vocab, f"vocab_size {overrides['vocab_size']} is smaller than the token "
+    model_cfg = model_config(cfg, vocab)
+    check(model_cfg.vocab_size >= vocab, f"vocab_size {model_cfg.vocab_size} is smaller than the token "
           f"files' vocabulary {vocab}")
-    model_cfg = GPTConfig.from_preset(cfg.model, **overrides)
     cfg.block_size, cfg.vocab_size = model_cfg.block_size, model_cfg.vocab_size
     check(len(data["real"]) > cfg.block_size, f"block_size {cfg.block_size} leaves no window in the real token "
           f"file {data['real'].bin_path} ({len(data['real']):,} tokens)")
@@ -451,7 +473,8 @@ def main(argv=None):
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    cuda = device.startswith("cuda")
+    ctx = autocast(device)
 
     torch.manual_seed(cfg.init_seed)
     model = GPT(model_cfg).to(device)
@@ -463,20 +486,28 @@ def main(argv=None):
         state["codes"] = codes_with_this_one(state["codes"], log)
     if state["step"]:
         log(f"resuming from {ckpt_path} at step {state['step']}")
-    train_model = torch.compile(model) if cfg.compile else model
-    if ddp:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+    # static shapes: one graph for the training step and one for evaluation (its last batch padded),
+    # none of them a dynamic-shape recompile when the evaluation batch differs from the training one
+    compiled = torch.compile(model, dynamic=False) if cfg.compile else model
+    train_model = torch.nn.parallel.DistributedDataParallel(compiled) if ddp else compiled
     tokenizer = data["real"].meta.get("tokenizer", "gpt2")
 
     def evaluate():
-        return evaluate_model(model, data["val"], data.get("test"), data.get("long"), cfg.mask, cfg.eval_batch_size,
-                              device, ctx, train=data["real"] if cfg.eval_train else None)
+        # every process evaluates its share of the batches, on the training device, through the
+        # compiled model when training is compiled (at one shape: the last batch padded)
+        return evaluate_model(compiled, data["val"], data.get("test"), data.get("long"), cfg.mask, cfg.eval_batch_size,
+                              device, ctx, train=data["real"] if cfg.eval_train else None,
+                              fixed_shape=cfg.compile or cuda, shard=(rank, world))
 
     steps, micro_steps = mix.steps, mix.micro_steps
     log(f"model {cfg.model}: {model.num_params():,} parameters (vocabulary {model_cfg.vocab_size}, "
         f"context {cfg.block_size}), mask {cfg.mask}, device {device}, {world} process(es)")
     log(f"data: {mix.real.n:,} real windows x {cfg.epochs:g} epochs, mix {cfg.mix:g}: {mix.n_real} real + "
         f"{mix.n_syn} synthetic sequences per batch of {mix.n_real + mix.n_syn}, {steps:,} steps")
+    peak = cfg.peak_tflops * 1e12 or peak_flops(device)
+    if cuda and not peak:
+        log(f"note: no MFU in the log: {torch.cuda.get_device_name(device)} is not in evaluate.PEAK_TFLOPS "
+            "(give --peak_tflops)")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     log_file = open(log_path, "a") if master else None
@@ -491,42 +522,52 @@ def main(argv=None):
             wandb_run.log({k: v for k, v in obj.items() if k != "step"}, step=obj["step"])
 
     tokens_per_step = (mix.n_real + mix.n_syn) * cfg.block_size
-    step, start_step, segment_seconds = state["step"], state["step"], 0.0   # this segment: since the (re)start
+    # the rate in the log is timed from the second step of this segment (since the (re)start): the
+    # first compiles the model (--compile) and warms up the device
+    step, start_step, first_seconds, later_seconds = state["step"], state["step"], 0.0, 0.0
+    batch = host_batch(mix, step, rank, pin=cuda) if step < steps else None
     while step < steps:
         t0 = time.time()
         lr = lr_at(step, steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # forward and backward over this process's micro-batches, then one optimizer step
-        loss_sum = 0.0
+        # forward and backward over this process's micro-batches, then one optimizer step; the
+        # loss stays on the device until the step's one wait for it
+        tokens, groups = (t.to(device, non_blocking=True) for t in batch)
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(micro_steps):
-            tokens, groups = (torch.from_numpy(a).to(device, non_blocking=True) for a in mix.micro_batch(step, micro, rank))
-            x, y = tokens[:, :-1], tokens[:, 1:]
+            x, y = tokens[micro, :, :-1], tokens[micro, :, 1:]
             sync = nullcontext() if (not ddp or micro == micro_steps - 1) else train_model.no_sync()
             with sync, ctx:
-                _, loss = train_model(x, y, doc_ids=document_ids(x, bos_id), group_ids=groups, mask_kind=cfg.mask)
+                _, loss = train_model(x, y, doc_ids=document_ids(x, bos_id), group_ids=groups[micro], mask_kind=cfg.mask)
                 (loss / micro_steps).backward()
-            loss_sum += loss.item() / micro_steps
+            step_loss += loss.detach().double() / micro_steps
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if step + 1 < steps:   # the next step's batch, built on the host while the device works through this one
+            batch = host_batch(mix, step + 1, rank, pin=cuda)
         if ddp:   # the logged loss is the global batch's mean
-            loss_t = torch.tensor(loss_sum, device=device)
-            dist.all_reduce(loss_t)
-            loss_sum = loss_t.item() / world
+            dist.all_reduce(step_loss)
+        loss_sum = step_loss.item() / world   # the step's one host sync
         step += 1
-        dt = time.time() - t0   # loss.item() waited for the device: this time is honest
-        segment_seconds += dt
+        dt = time.time() - t0   # the sync waited for the device: this time is honest
+        if step == start_step + 1:
+            first_seconds = dt
+        else:
+            later_seconds += dt
         state.update(step=step, train_loss=loss_sum, train_seconds=state["train_seconds"] + dt)
 
         if step % cfg.log_interval == 0 or step == steps:
-            tok_s = (step - start_step) * tokens_per_step / segment_seconds
-            eta = (steps - step) * segment_seconds / (step - start_step)
+            seconds_per_step = later_seconds / (step - start_step - 1) if step > start_step + 1 else first_seconds
+            tok_s = tokens_per_step / seconds_per_step
+            utilization = mfu(tok_s / world, dataclasses.asdict(model_cfg), peak) if peak else None
             log(f"step {step:>6}/{steps} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                f"eta {eta / 60:.1f} min")
-            record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s})
-        if master and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == steps):
+                + (f"MFU {utilization:.1%} | " if peak else "") + f"eta {(steps - step) * seconds_per_step / 60:.1f} min")
+            record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s,
+                    **({"mfu": utilization} if peak else {})})
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == steps:
             state["metrics"] = evaluate()
             log(f"eval step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in state["metrics"].items()
                                                   if isinstance(v, float)))
@@ -537,9 +578,9 @@ def main(argv=None):
             log(f"halting at step {step} (halt_at)")
             break
 
+    if step == steps and not state["metrics"]:   # finished before a crash that came between the last checkpoint and the summary
+        state["metrics"] = evaluate()
     if master and step == steps:
-        if not state["metrics"]:   # finished before a crash that came between the last checkpoint and the summary
-            state["metrics"] = evaluate()
         summary = {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg),
                    "params": model.num_params(), "steps": steps, "real_windows": mix.real.n,
                    "real_sequences_seen": steps * mix.n_real, "synthetic_sequences_seen": steps * mix.n_syn,

@@ -229,6 +229,60 @@ def test_backward_on_cpu(kind):
         assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_head_cross_entropy_in_pieces_equals_one_piece(reduction, monkeypatch):
+    # the same loss and gradients when the logits are computed 7 rows at a time (a ragged last
+    # piece), each piece checkpointed, as when they are computed whole
+    model = tiny_model()
+    idx, _, _ = window(2, 64, seed=8)
+    targets = torch.roll(idx, -1, dims=1)
+    targets[:, -3:] = -1
+    results = []
+    for elements in (model_module.CE_PIECE_ELEMENTS, 7 * VOCAB):
+        monkeypatch.setattr(model_module, "CE_PIECE_ELEMENTS", elements)
+        _, loss = model(idx, targets, reduction=reduction)
+        results.append((loss.detach(), torch.autograd.grad(loss.sum(), list(model.parameters()))))
+    (whole, whole_grads), (pieces, piece_grads) = results
+    assert whole.shape == pieces.shape and torch.allclose(whole, pieces, rtol=1e-6, atol=1e-5)   # float sums
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(whole_grads, piece_grads))
+
+
+def test_large_logits_are_computed_in_pieces_under_2_31_elements():
+    # batch 8 x 4,096 with the 128,256-token vocabulary: 4.2e9 logits would be one tensor past
+    # 2^31 elements; in pieces of CE_PIECE_ELEMENTS it is 8 pieces of at most 2^29
+    rows, vocab = 8 * 4096, 128256
+    per_piece = model_module.CE_PIECE_ELEMENTS // vocab
+    assert rows * vocab > 2 ** 31 and per_piece * vocab <= 2 ** 29 and -(-rows // per_piece) == 8
+
+
+def test_forward_returns_logits_only_when_asked():
+    model = tiny_model()
+    idx, _, _ = window(2, 32, seed=5)
+    targets = torch.roll(idx, -1, dims=1)
+    none, loss = model(idx, targets)
+    logits, same = model(idx, targets, return_logits=True)
+    assert none is None and logits.shape == (2, 32, VOCAB) and torch.equal(loss, same)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), targets.view(-1)))
+
+
+def test_compiled_flex_path_has_no_graph_break_and_compiles_once():
+    # the CUDA path's structure, compiled on the CPU (forward only: flex has no CPU backward): no
+    # graph break anywhere in the model, and new document masks (new BlockMasks and closures) of the
+    # same shape reuse the one compiled graph
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model().eval()
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        for seed in range(3):
+            idx, doc, group = window(2, 128, seed=seed)
+            flex, _ = compiled(idx, doc_ids=doc, group_ids=group, mask_kind="document", attn_impl="flex")
+            sdpa, _ = model(idx, doc_ids=doc, group_ids=group, mask_kind="document", attn_impl="sdpa")
+            assert (flex - sdpa).abs().max() < 1e-5
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+
+
 def test_loss_reductions_and_ignore_index():
     model = tiny_model()
     idx, _, _ = window(2, 32, seed=5)

@@ -313,12 +313,15 @@ class StubModel:
     def __init__(self, bos):
         self.bos, self.calls = bos, 0
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_size=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_size=None,
+                 stop_id=None):
         self.calls += 1
         for _ in range(max_new_tokens):
             T = idx.size(1)
             new = torch.tensor([[self.bos if T == 3 else 100 + T], [200 + T]])[:idx.size(0)]
             idx = torch.cat([idx, new], dim=1)
+            if stop_id is not None and (idx[:, 1:] == stop_id).any(dim=1).all():
+                break
         return idx
 
 
@@ -333,7 +336,7 @@ def test_stop_at_bos():
         assert [c["finish_reason"] for c in out["choices"]] == ["stop", "length"]
         assert out["choices"][0]["text"] == enc.decode([101, 102])
         assert out["usage"]["completion_tokens"] == 3 + 5
-        # every choice ended: sampling stops early instead of running to max_tokens in chunks
+        # one generate call for the whole sample, told to stop at BOS
         stub2 = StubModel(bos)
         assert serve.sample(stub2, [bos], 1, 1000, 1.0, None, 0, bos, "cpu") == [([101, 102, bos], "stop")]
         assert stub2.calls == 1
@@ -414,3 +417,30 @@ def test_cli_errors_are_one_line(case, ckpt, tmp_path):
         r = run_cli(*args) if case == "port in use" else run_cli(*args, "--port", "0")
     assert_error(r.returncode, r.stderr, *named)
     assert r.stdout == ""
+
+
+def test_cached_and_uncached_sampling_give_identical_tokens():
+    # serve.py samples through one KV cache for the whole sample; recomputing every position from
+    # scratch at every step (no cache) must draw the very same tokens from the same seed
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=101, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, mlp_hidden=176,
+                          block_size=128)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)   # sharper distributions: a position error would change the draws
+    prompt = torch.tensor([[0, 5, 17, 3]] * 3)
+    draws = [model.generate(prompt, 60, temperature=1.0, generator=torch.Generator().manual_seed(7), use_cache=cache)
+             for cache in (True, False)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0][0], draws[0][1])
+
+
+def test_generate_stops_when_every_row_has_its_stop_id():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=101, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, mlp_hidden=64,
+                          block_size=64)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()   # every logit 0: greedy sampling picks id 0 in every row
+    out = model.generate(torch.tensor([[1, 2], [3, 4]]), 50, temperature=0, stop_id=0)
+    assert out.tolist() == [[1, 2, 0], [3, 4, 0]]
+    assert model.generate(torch.tensor([[1, 2]]), 5, temperature=0).shape == (1, 7)   # no stop_id: all 5

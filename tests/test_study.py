@@ -172,6 +172,73 @@ def test_evaluate_cli_one_line_errors(tiny_run, tmp_path, capfd):
     assert float(out.split()[-1]) == pytest.approx(json.load(open(d / "run" / "summary.json"))["val_loss"], abs=1e-4)
 
 
+SHARDED_EVALUATION = """
+import json, os, sys
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import evaluate
+from formats import TokenFile
+from model import load_model
+dist.init_process_group("gloo")
+model, _ = load_model(sys.argv[2])
+val = TokenFile(sys.argv[3])
+metrics = evaluate.evaluate_model(model, val, long=val, batch_size=4,
+                                  shard=(dist.get_rank(), dist.get_world_size()))
+if dist.get_rank() == 0:
+    print(json.dumps(metrics))
+dist.destroy_process_group()
+"""
+
+
+def test_evaluation_sharded_over_two_processes_is_one_process_evaluation(tiny_run, tmp_path):
+    # 2 gloo processes, each evaluating every other batch (an odd count: one process has one more),
+    # all-reduced: the very same losses, by position too, as one process
+    from socket import socket
+    from formats import TokenFile
+    from model import load_model
+    d = tiny_run
+    model, _ = load_model(d / "run" / "ckpt.pt")
+    val = TokenFile(str(d / "val"))
+    one = evaluate.evaluate_model(model, val, long=val, batch_size=4)
+    windows = len(range(0, len(val) - 1, model.config.block_size))
+    assert -(-windows // 4) % 2 == 1 and windows % 4 and one["long_loss_by_position"]   # a short last batch
+    (tmp_path / "shard.py").write_text(SHARDED_EVALUATION)
+    with socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(tmp_path / "shard.py"), ROOT,
+                        str(d / "run" / "ckpt.pt"), str(d / "val")], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == one
+    # the last batch padded to a fixed shape (for a compiled model): the same losses to float rounding
+    padded = evaluate.evaluate_model(model, val, long=val, batch_size=4, fixed_shape=True)
+    assert padded["val_loss"] == pytest.approx(one["val_loss"], abs=1e-6)
+    assert padded["long_loss_by_position"] == pytest.approx(one["long_loss_by_position"], abs=1e-6)
+
+
+def test_compiled_evaluation_with_a_fixed_shape_compiles_once(tiny_run):
+    # train.py evaluates through the compiled model: with the last batch padded to the others' shape
+    # the whole evaluation is one graph; without, the short batch is another
+    import torch
+    from torch._dynamo.utils import counters
+    from formats import TokenFile
+    from model import load_model
+    model, _ = load_model(tiny_run / "run" / "ckpt.pt")
+    val = TokenFile(str(tiny_run / "val"))
+    expected = evaluate.evaluate_model(model, val, batch_size=16)   # 66 windows: 4 batches of 16 and one of 2
+    graphs = []
+    for fixed_shape in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="eager", dynamic=False)
+        metrics = evaluate.evaluate_model(compiled, val, batch_size=16, fixed_shape=fixed_shape)
+        assert metrics["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-6)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 2]
+
+
 def test_fit_warns_when_a_parameter_is_on_the_edge_of_its_search():
     warnings = []
     x = np.array([1e4, 2e4, 4e4, 8e4])

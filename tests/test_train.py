@@ -101,6 +101,56 @@ def test_global_batch_is_the_same_on_any_number_of_processes():
         mixture(mix=0.75, batch_size=2, grad_accum=4, world_size=3)
 
 
+def test_step_batch_is_the_global_batch_shared_by_processes_and_micro_steps(data):
+    # each process builds its whole step at once: micro-step m of rank r is the slice of the global
+    # batch at (m x world + r) x batch_size, so all of them together are the global batch, once
+    from formats import TokenFile
+    real = TokenFile(str(data / "real"))
+    cfg = TrainConfig(mix=0.0, epochs=3.0, batch_size=2, grad_accum=4, block_size=16)
+    for world in (1, 2, 4):
+        mix = train.Mixture(cfg, real, None, world)
+        for step in (0, 5):
+            expected = np.stack([stream.window(w)[0] for stream, w in mix.global_batch(step)]).astype(np.int64)
+            got = np.zeros_like(expected)
+            for rank in range(world):
+                tokens, groups = mix.step_batch(step, rank)
+                assert tokens.shape == (4 // world, 2, 17) and groups.shape == (4 // world, 2, 16)
+                for micro in range(4 // world):
+                    lo = (micro * world + rank) * 2
+                    got[lo: lo + 2] = tokens[micro]
+            assert np.array_equal(got, expected)
+
+
+class StepClock:
+    """time.time for train.py: the first step of a run takes 10 s (as if it compiled), every later one 1 s."""
+    def __init__(self):
+        self.now, self.calls = 0.0, 0
+
+    def time(self):
+        self.calls += 1
+        if self.calls % 2 == 0:   # train.py reads the clock twice a step: at its start and at its end
+            self.now += 10.0 if self.calls == 2 else 1.0
+        return self.now
+
+
+def test_log_rate_is_timed_after_the_first_step_with_mfu_from_the_peak(data, tmp_path, monkeypatch):
+    from evaluate import training_flops
+    monkeypatch.setattr(train, "time", StepClock())
+    log = run_train(data, tmp_path / "run", "--epochs", "1", "--peak_tflops", "2")
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    tokens_per_step = 4 * 64
+    rates = [(r["step"], r["tokens_per_s"], r["mfu"]) for r in log if "loss" in r]
+    assert rates[0][:2] == (1, tokens_per_step / 10.0)                  # only the first step timed so far
+    assert all(rate == tokens_per_step / 1.0 for step, rate, _ in rates[1:])   # from the second step on
+    flops = training_flops(summary["model_config"], 1)
+    assert all(mfu == pytest.approx(rate * flops / 2e12, rel=1e-12) for _, rate, mfu in rates)
+    steps = summary["steps"]
+    assert summary["tokens_per_s"] == pytest.approx(steps * tokens_per_step / (10.0 + steps - 1))   # everything
+    monkeypatch.setattr(train, "time", StepClock())
+    log = run_train(data, tmp_path / "cpu", "--epochs", "1")
+    assert not any("mfu" in r for r in log)                              # no peak known on the CPU
+
+
 def test_schedule_values():
     cfg = TrainConfig(lr=1e-3, warmup_frac=0.1, min_lr_frac=0.1)
     assert train.lr_at(0, 100, cfg) == pytest.approx(1e-4)         # warmup: 10 steps
@@ -178,6 +228,9 @@ def test_ddp_matches_single_process(data, tmp_path):
     # summing gradients over processes rounds differently from one batch's mean; AdamW divides by
     # the gradients' running RMS, so after 50 steps the weights agree to ~1e-5, not to the last bit
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    # both processes evaluated half of the val batches each: the loss of weights that agree to ~1e-5
+    val = [json.load(open(tmp_path / run / "summary.json"))["val_loss"] for run in ("one", "two")]
+    assert val[0] == pytest.approx(val[1], abs=1e-4)
     # a global batch that 2 processes cannot share is refused, in one line
     torchrun[torchrun.index("--master_port") + 1] = str(free_port())
     odd = subprocess.run(torchrun + ["--grad_accum", "1", "--out_dir", str(tmp_path / "odd")], env=env, cwd=ROOT,
