@@ -1,15 +1,18 @@
 r"""
 demo.py: the study at toy scale, on sample_data/, on a CPU, end to end: how the loss falls as the
 number of synthetic generations per real document G grows, for shuffled rephrases, sorted
-megadocs and latent thoughts, against a tuned real-only baseline on the same real tokens.
+megadocs, latent thoughts and self-distillation, against a tuned real-only baseline on the same
+real tokens, alone and in ensembles.
 
-    python demo.py            # the study (about 30 minutes on 2 CPU cores); writes out/demo/
-    python demo.py --quick    # one seed, three values of G, no ablations: a first look in ~5 minutes
+    python demo.py            # the study (about 40 minutes on 2 CPU cores); writes out/demo/
+    python demo.py --quick    # one seed, fewer values of G, no ablations: a first look in ~5 minutes
 
 Reads:  sample_data/train.jsonl, val.jsonl, long.jsonl and sample_data/synthetic/*.jsonl.
-Writes: out/demo/data/ (token files), out/demo/runs/ (one train.py run each), out/demo/results.md
-        (the tables printed at the end) and out/demo/*.png (figures, if matplotlib is installed).
-Rerunning skips every finished run, so an interrupted demo continues where it stopped.
+Writes: out/demo/data/ (token files, and the self-distillation samples it draws), out/demo/runs/
+        (one train.py run each), out/demo/results.md (the tables printed at the end) and
+        out/demo/*.png (figures, if matplotlib is installed).
+Rerunning skips every finished run (train.py checks that it was run with the same settings and
+data), so an interrupted demo continues where it stopped.
 
 The method, phase by phase (each is a function below; the constants after the imports set every
 number, and the report is formatted from them):
@@ -23,15 +26,19 @@ number, and the report is formatted from them):
              G is one line there (its synthetic records must exist up to that G).
   tuning     Each point of every grid is trained with every seed (same init and data seeds for
              every recipe and G, so runs are paired by seed). Real only: epochs x weight decay.
-             Synthetic: real epochs, from a grid extended by doubling or halving while the best
-             point is on its edge. Every choice is the lowest mean val loss over the seeds, so no
-             reported seed is picked for being lucky.
+             Synthetic: real epochs (Plan.syn_epochs; Plan.extend rounds would extend a grid whose
+             best point is on its edge). Every choice is the lowest mean val loss over the seeds,
+             so no reported seed is picked for being lucky.
+  teacher    The tuned real-only model serves self-distillation samples: serve.py on a free port of
+             127.0.0.1, generate.py --kind self-distill over HTTP (draw_self_distillation).
   final      The ordering ablation at ORDERING_G, the attention 2 x 2 (training mask x
-             evaluation mask) at CDA_POINTS, sorted and latent at shuffled's tuned epochs, and the
-             real-only data law on the budgets of LAW (each at its tuned epochs).
+             evaluation mask) at CDA_POINTS, every recipe at shuffled's tuned epochs, the ensemble
+             members (seeds 0 .. 4 at the tuned points of ENSEMBLED), and the real-only data law
+             on the budgets of Plan.law (each at its tuned epochs).
   results    Test losses with 95% t intervals over seeds (paired where the seeds are), the slope
              in log2 G, sorted minus shuffled at each G, data efficiency with a range from
-             resampling the seeds, the second domain, tables in results.md and figures.
+             resampling the seeds, the second domain, ensembles over K with their asymptotes,
+             tables in results.md and figures.
 """
 import functools
 import hashlib
@@ -263,9 +270,12 @@ def pack_streams(d, streams, budget, log):
     """Token files of the synthetic streams [(recipe, G)] on the real budget. Returns their pack
     summaries and, per stream, the prompt + completion tokens of the records it uses."""
     budget_ids = {r["id"] for r in budget}
-    packed, generated = {}, {}
+    packed, generated, paths = {}, {}, {}
+    for kind in {recipe.kind for recipe, _ in streams}:   # the records of the budget's documents only
+        paths[kind] = write_jsonl(f"{d}/{kind}.budget.jsonl", [r for r in read_jsonl(synthetic_file(kind, d))
+                                                              if r["source_id"] in budget_ids])
     for recipe, G in sorted(set(streams), key=lambda rg: stream_name(*rg)):
-        path, name = synthetic_file(recipe.kind, d), stream_name(recipe, G)
+        path, name = paths[recipe.kind], stream_name(recipe, G)
         packed[name] = pack.pack(f"{d}/real{BUDGET}.jsonl", f"{d}/{name}", recipe.mode, [path], G=G,
                                  real_position=recipe.real_position, synthetic_kind=recipe.kind if recipe.mode != "latent"
                                  else None, keep_truncated=recipe.kind == "self-distill", **PACKING)
@@ -273,7 +283,7 @@ def pack_streams(d, streams, budget, log):
             raise SystemExit(f"error: {name}: {packed[name]['sources with fewer than G generations']} of the {BUDGET} "
                              f"documents have fewer than {G} {recipe.kind} records in {path}")
         generated[name] = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
-                              for r in read_jsonl(path) if r["index"] < G and r["source_id"] in budget_ids)
+                              for r in read_jsonl(path) if r["index"] < G)
     log(f"packed {len(packed)} synthetic streams: " + ", ".join(packed))
     return packed, generated
 
@@ -402,6 +412,17 @@ def final_runs(plan, trainer, real_point, syn_chosen, syn_grids):
 
 # -----------------------------------------------------------------------------
 # results
+
+
+def ratio_line(packed, D):
+    """Synthetic tokens per real token and per generation, the axis on which G compares with the paper."""
+    per_G = {name: packed[stream_name(RECIPES[name], 1)]["per_kind"][RECIPES[name].kind]["tokens"] / D
+             for name in ("shuffled", "self-distill") if stream_name(RECIPES[name], 1) in packed}
+    if "shuffled" not in per_G:
+        return ""
+    return (f"\n\nA rephrase here is {per_G['shuffled']:.2f} real documents' worth of tokens (synthetic tokens per real "
+            f"token at G = 1); in the paper about 0.57 (708-token rephrases of 1,243-token documents), so G here holds "
+            f"about {per_G['shuffled'] / 0.57:.1f}x the synthetic text per real token of the paper's same G.")
 
 
 def on_edge(grid, epochs):
@@ -640,6 +661,7 @@ def results(study, quick):
         ["recipe", "G", "epochs tried", "chosen", "steps", "synthetic tokens", "generation FLOPs", "test loss",
          "vs real only (95% CI)", "data efficiency (interpolated) [range]", "data efficiency (fit) [range]",
          f"ensemble of {len(seeds)} seeds" if len(seeds) > 1 else "ensemble (needs seeds)"], rows) +
+        ratio_line(packed, D) +
         f"\n\nSynthetic tokens: tokens of the stream's synthetic documents (thoughts: the stream minus the real "
         f"documents); generation FLOPs: 2 x {GENERATOR_PARAMS:.0e} x the prompt and completion tokens of the records "
         f"used, as the paper's 8B generator would spend them. Data efficiency: the real budget the real-only law "
@@ -687,6 +709,8 @@ def results(study, quick):
         f"## 3. Tuning: best real epochs against G (mean val loss over {len(seeds)} seeds), and real data only "
         "against epochs\n\n" +
         evaluate.markdown_table(["recipe", "G", *[f"{e:g} epochs" for e in all_epochs], "chosen"], epoch_rows) +
+        ("\n\nWith two values a grid, a choice says which of the two is better, not where the optimum lies "
+         "(docs/demo_design.md, section 3, has a wider grid at 80 documents)." if len(plan.syn_epochs) == 2 else "") +
         "\n\n" + evaluate.markdown_table(["wd", "real epochs", "steps", "train loss", "val loss", "test loss"],
                                          curve_rows) +
         f"\n\nChosen for real only on the mean val loss: {real_point[1]:g} epochs, wd {real_point[0]:g}.")
