@@ -4,8 +4,8 @@ number of synthetic generations per real document G grows, for shuffled rephrase
 megadocs, latent thoughts and self-distillation, against a tuned real-only baseline on the same
 real tokens, alone and in ensembles.
 
-    python demo.py            # the study (about 40 minutes on 2 CPU cores); writes out/demo/
-    python demo.py --quick    # one seed, fewer values of G, no ablations: a first look in ~5 minutes
+    python demo.py            # the study (38 minutes on 2 CPU cores); writes out/demo/
+    python demo.py --quick    # one seed, fewer values of G, no ablations: a first look in ~6 minutes
 
 Reads:  sample_data/train.jsonl, val.jsonl, long.jsonl and sample_data/synthetic/*.jsonl.
 Writes: out/demo/data/ (token files, and the self-distillation samples it draws), out/demo/runs/
@@ -523,7 +523,7 @@ class Study:
 def main():
     ap = cli.ArgumentParser(__doc__, __file__)
     ap.add_argument("--out_dir", default=os.path.join(HERE, "out", "demo"), help="where data, runs and results go")
-    ap.add_argument("--quick", action="store_true", help="one seed, three values of G, no ablations: about 5 minutes")
+    ap.add_argument("--quick", action="store_true", help="one seed, three values of G, no ablations: about 6 minutes")
     ap.add_argument("--jobs", type=int, default=2, help="train.py runs side by side (one torch thread each)")
     args = ap.parse_args()
     if args.jobs < 1:
@@ -867,9 +867,11 @@ def colors_of(labels):
 def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen, by_recipe, gaps, law, D, extra, Gs):
     """The blog's figures, drawn from this study's runs (None for each one without matplotlib)."""
     def line_figure(path, title, xlabel, series, **options):
-        return evaluate.line_figure(path, title, xlabel, series, colors=colors_of(series), **options)
+        return evaluate.line_figure(path, title, xlabel, series,
+                                    colors=colors_of([*series, *options.get("hlines", {})]), **options)
     half = half_width
     real_mean = statistics.mean(real_test)
+    real_tuned = real_grid[min(real_grid, key=lambda k: trainer.mean_val(real_grid[k]))]
     figures = [line_figure(
         f"{out}/loss_vs_G.png", "Test loss against generations per document (95% CI over seeds)",
         "generations per document G", {name: (list(by_G), [statistics.mean(v) for v in by_G.values()],
@@ -904,11 +906,12 @@ def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen
                                   [v for e in sorted(syn_grids[name, G])
                                    for v in trainer.metric(syn_grids[name, G][e], "val_loss")])
                 for name, G in top.items()},
-        ylabel="val loss (nats)", hlines={"real only, tuned (val)": trainer.mean_val(real_grid[min(
-            real_grid, key=lambda k: trainer.mean_val(real_grid[k]))])}))
+        ylabel="val loss (nats)", hlines={"real only, tuned (val)": trainer.mean_val(real_tuned)}))
+    tried = sorted({e for grid in syn_grids.values() for e in grid})
     figures.append(line_figure(
-        f"{out}/best_epochs_vs_G.png", "Tuned real epochs against G", "generations per document G",
-        {name: (Gs[name], [syn_chosen[name, G] for G in Gs[name]], None) for name in Gs}, ylabel="real epochs"))
+        f"{out}/best_epochs_vs_G.png", f"Tuned real epochs against G (tried: {', '.join(f'{e:g}' for e in tried)})",
+        "generations per document G", {name: (Gs[name], [syn_chosen[name, G] for G in Gs[name]], None) for name in Gs},
+        ylabel="real epochs", yticks=tried))
     figures.append(line_figure(
         f"{out}/real_epochs.png", "Real data only: loss against epochs", "real epochs",
         {f"{split}, wd {wd:g}": (list(plan.real_epochs),
@@ -932,7 +935,8 @@ def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen
         {name: (Gs[name], [statistics.mean(trainer.metric(syn_grids[name, G][syn_chosen[name, G]], "long_loss"))
                            for G in Gs[name]],
                 [half(trainer.metric(syn_grids[name, G][syn_chosen[name, G]], "long_loss")) for G in Gs[name]])
-         for name in Gs}, ylabel="long-document loss (nats)"))
+         for name in Gs}, ylabel="long-document loss (nats)",
+        hlines={"real only, tuned": statistics.mean(trainer.metric(real_tuned, "long_loss"))}))
     figures.append(line_figure(
         f"{out}/data_law.png", "Real-only loss against real tokens (test, each budget tuned)", "real tokens",
         {"real only": (law.tokens, [statistics.mean(l) for l in law.losses], [half(l) for l in law.losses])},

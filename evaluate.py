@@ -510,29 +510,34 @@ def bar_figure(path, title, labels, means, spreads, ylabel="i.i.d. validation lo
 
 
 def line_figure(path, title, xlabel, series, ylabel="i.i.d. validation loss (nats)", logx=True, hlines=None,
-                dashed=(), points=None, colors=None):
+                dashed=(), points=None, colors=None, yticks=None):
     """series: {label: (xs, ys, spreads)}, spreads as half widths or (below, above) pairs, or None;
     hlines: {label: y} drawn as horizontal lines; series named in `dashed` are drawn dashed;
     points: {label: (xs, ys)} drawn as faint dots (single seeds behind their mean), in the colour of
-    the series of the same label; colors: {label: colour}. Returns the path, or None without
+    the series of the same label; colors: {label: colour} for series and lines; yticks: the values
+    the y axis shows (e.g. a grid's values), or None. Returns the path, or None without
     matplotlib."""
     plt = pyplot_or_note(path)
     if plt is None:
         return None
-    colors = {label: (colors or {}).get(label, f"C{i}") for i, label in enumerate(series)}
+    colors = {label: (colors or {}).get(label, f"C{i}") for i, label in enumerate([*series, *(hlines or {})])}
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, (xs, ys) in (points or {}).items():
         ax.scatter(xs, ys, color=colors.get(label, "gray"), alpha=0.25, s=18)
     for label, (xs, ys, spreads) in series.items():
         ax.errorbar(xs, ys, yerr=error_bars(spreads), marker=None if label in dashed else "o", capsize=3,
                     label=label, color=colors[label], linestyle="--" if label in dashed else "-")
-    for i, (label, y) in enumerate((hlines or {}).items()):
-        ax.axhline(y, color=f"C{len(series) + i}", linestyle=":", label=label)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, color=colors[label], linestyle=":", label=label)
     ticks = sorted({x for label, (xs, _, _) in series.items() if label not in dashed for x in xs})
     if logx:
         ax.set_xscale("log", base=2)
     if logx or all(float(t).is_integer() for t in ticks):   # the measured x values as the ticks
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    if yticks is not None:
+        ax.set_yticks(yticks, [f"{t:g}" for t in yticks])
+        margin = 0.1 * ((max(yticks) - min(yticks)) or 1)
+        ax.set_ylim(min(yticks) - margin, max(yticks) + margin)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
