@@ -827,7 +827,7 @@ def results(study, quick):
                                      "fit problems"], rows))
         figures_extra["ensembles"] = ensembles
 
-    figures = draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen, by_recipe, gaps, law,
+    figures = draw_figures(out, plan, trainer, real_grid, real_runs, syn_grids, syn_chosen, by_recipe, gaps, law,
                            D, figures_extra, Gs)
     return "\n\n".join(sections), figures
 
@@ -864,14 +864,13 @@ def colors_of(labels):
     return {label: COLORS[label.split()[0]] for label in labels if label.split()[0] in COLORS}
 
 
-def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen, by_recipe, gaps, law, D, extra, Gs):
+def draw_figures(out, plan, trainer, real_grid, real_runs, syn_grids, syn_chosen, by_recipe, gaps, law, D, extra, Gs):
     """The blog's figures, drawn from this study's runs (None for each one without matplotlib)."""
     def line_figure(path, title, xlabel, series, **options):
         return evaluate.line_figure(path, title, xlabel, series,
                                     colors=colors_of([*series, *options.get("hlines", {})]), **options)
     half = half_width
-    real_mean = statistics.mean(real_test)
-    real_tuned = real_grid[min(real_grid, key=lambda k: trainer.mean_val(real_grid[k]))]
+    real_mean = statistics.mean(trainer.metric(real_runs))
     figures = [line_figure(
         f"{out}/loss_vs_G.png", "Test loss against generations per document (95% CI over seeds)",
         "generations per document G", {name: (list(by_G), [statistics.mean(v) for v in by_G.values()],
@@ -906,7 +905,7 @@ def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen
                                   [v for e in sorted(syn_grids[name, G])
                                    for v in trainer.metric(syn_grids[name, G][e], "val_loss")])
                 for name, G in top.items()},
-        ylabel="val loss (nats)", hlines={"real only, tuned (val)": trainer.mean_val(real_tuned)}))
+        ylabel="val loss (nats)", hlines={"real only, tuned (val)": trainer.mean_val(real_runs)}))
     tried = sorted({e for grid in syn_grids.values() for e in grid})
     figures.append(line_figure(
         f"{out}/best_epochs_vs_G.png", f"Tuned real epochs against G (tried: {', '.join(f'{e:g}' for e in tried)})",
@@ -936,7 +935,7 @@ def draw_figures(out, plan, trainer, real_grid, real_test, syn_grids, syn_chosen
                            for G in Gs[name]],
                 [half(trainer.metric(syn_grids[name, G][syn_chosen[name, G]], "long_loss")) for G in Gs[name]])
          for name in Gs}, ylabel="long-document loss (nats)",
-        hlines={"real only, tuned": statistics.mean(trainer.metric(real_tuned, "long_loss"))}))
+        hlines={"real only, tuned": statistics.mean(trainer.metric(real_runs, "long_loss"))}))
     figures.append(line_figure(
         f"{out}/data_law.png", "Real-only loss against real tokens (test, each budget tuned)", "real tokens",
         {"real only": (law.tokens, [statistics.mean(l) for l in law.losses], [half(l) for l in law.losses])},
