@@ -705,6 +705,15 @@ def results(study, quick):
                    f"{syn_chosen[name, G]:g}{on_edge(grid, syn_chosen[name, G])}"] for (name, G), grid in syn_grids.items()]
     curve_rows = [[f"{wd:g}", f"{e:g}", trainer.summaries[runs[0]]["steps"], fmt(losses_of(runs, "train_loss")),
                    fmt(losses_of(runs, "val_loss")), fmt(losses_of(runs))] for (wd, e), runs in real_grid.items()]
+    # the overfitting past the chosen epochs, and what more weight decay does to it, paired by seed
+    best_e, top_e = real_point[1], max(plan.real_epochs)
+    overfitting = [f"- val loss at {top_e:g} minus {best_e:g} epochs, wd {wd:g}: " + interval(evaluate.paired_difference(
+        losses_of(real_grid[wd, top_e], "val_loss"), losses_of(real_grid[wd, best_e], "val_loss")))
+        for wd in plan.real_wd if top_e != best_e]
+    if len(plan.real_wd) > 1:
+        low, high = min(plan.real_wd), max(plan.real_wd)
+        overfitting.append(f"- test loss at {top_e:g} epochs, wd {high:g} minus wd {low:g}: " + interval(
+            evaluate.paired_difference(losses_of(real_grid[high, top_e]), losses_of(real_grid[low, top_e]))))
     sections.append(
         f"## 3. Tuning: best real epochs against G (mean val loss over {len(seeds)} seeds), and real data only "
         "against epochs\n\n" +
@@ -713,7 +722,8 @@ def results(study, quick):
          "(docs/demo_design.md, section 3, has a wider grid at 80 documents)." if len(plan.syn_epochs) == 2 else "") +
         "\n\n" + evaluate.markdown_table(["wd", "real epochs", "steps", "train loss", "val loss", "test loss"],
                                          curve_rows) +
-        f"\n\nChosen for real only on the mean val loss: {real_point[1]:g} epochs, wd {real_point[0]:g}.")
+        f"\n\nChosen for real only on the mean val loss: {real_point[1]:g} epochs, wd {real_point[0]:g}." +
+        "".join(f"\n{line}" for line in overfitting))
 
     # -- 4. controlled epochs: sorted and latent at shuffled's tuned epochs
     control_rows = []
