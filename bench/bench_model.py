@@ -30,7 +30,8 @@ but the input embeddings; a tied head counts once) + 6 x n_layer x width x conte
 attention: half the T x T scores). Columns: "first s" is each model's first step (with --compile it
 compiles the model; run once with TORCHINDUCTOR_CACHE_DIR set to an empty directory for a cold
 compile, then again with the same directory for a warm one), "ours/it" the first row's tokens/s over
-this row's, "of mm" the row's GFLOP/s over the torch.mm figure.
+this row's, "of mm" the row's GFLOP/s over the torch.mm figure. On the CPU everything runs with
+train.py's keep_freed_memory(), as a training run does (bench/bench_train.py measures what it saves).
 
 Reads and writes no files (torch.compile writes its own cache).
 """
@@ -48,6 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 from model import GPT, GPTConfig, MASK_KINDS, document_ids  # noqa: E402
+from train import keep_freed_memory  # noqa: E402
 
 parser = cli.ArgumentParser(__doc__.split("\n\n")[0], __file__)
 parser.add_argument("--n_layer", type=int, default=4)
@@ -72,6 +74,7 @@ args = parser.parse_args()
 torch.set_num_threads(args.threads)
 device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                       "cpu" if args.device == "auto" else args.device)
+freed_memory_kept = device.type == "cpu" and keep_freed_memory()   # as train.py on the CPU
 vocab_size = args.vocab_size or (50304 if args.nanogpt else 8192)
 torch.manual_seed(args.seed)
 BOS = 0
@@ -142,7 +145,8 @@ def mask_ms(kind, reps=5):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+      + (", malloc keeps freed memory (train.py's keep_freed_memory)" if freed_memory_kept else ""))
 
 # -----------------------------------------------------------------------------
 # mask kinds

@@ -174,6 +174,31 @@ def test_weight_decay_groups():
     assert "wte.weight" in {names[id(p)] for p in with_emb["params"]}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_freed_memory_stops_the_page_faults_of_a_step(keep):
+    # in a fresh process (mallopt's setting is the whole process's), a working set of four 16 MiB
+    # tensors (16,384 pages) allocated and freed 20 times, as training steps do with activations.
+    # Under glibc's initial thresholds (128 KiB, held fixed, as bench_model.py's "glibc malloc"
+    # rows) every tensor is mapped and unmapped, so its pages fault in every time; under
+    # keep_freed_memory they stay in the heap and fault in during the first steps only
+    setting = ("train.keep_freed_memory()" if keep else
+               "[ctypes.CDLL('libc.so.6').mallopt(m, 128 << 10) for m in (train.M_MMAP_THRESHOLD, train.M_TRIM_THRESHOLD)]")
+    code = ("import ctypes, resource, torch, train\n"
+            f"print({setting})\n"
+            "step = lambda: [torch.ones(4 << 20) for _ in range(4)]\n"
+            "step()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(20): step()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result, faults = out.stdout.split("\n")[:2]
+    if keep:
+        assert result == "True" and int(faults) < 2 * 16384, out.stdout
+    else:
+        assert result == "[1, 1]" and int(faults) >= 20 * 16384, out.stdout
+
+
 def test_resume_is_bit_exact(data, tmp_path):
     full = run_train(data, tmp_path / "full", "--epochs", "2")
     steps = max(r["step"] for r in full)
