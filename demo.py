@@ -4,7 +4,7 @@ number of synthetic generations per real document G grows, for shuffled rephrase
 megadocs, latent thoughts and self-distillation, against a tuned real-only baseline on the same
 real tokens, alone and in ensembles.
 
-    python demo.py            # the study (38 minutes on 2 CPU cores); writes out/demo/
+    python demo.py            # the study (37 minutes on 2 CPU cores); writes out/demo/
     python demo.py --quick    # one seed, fewer values of G, no ablations: a first look in ~6 minutes
 
 Reads:  sample_data/train.jsonl, val.jsonl, long.jsonl and sample_data/synthetic/*.jsonl.
