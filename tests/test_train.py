@@ -4,6 +4,7 @@ its wandb run), and one-line errors."""
 import glob
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -174,7 +175,7 @@ def test_weight_decay_groups():
     assert "wte.weight" in {names[id(p)] for p in with_emb["params"]}
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 @pytest.mark.parametrize("keep", [False, True])
 def test_keep_freed_memory_stops_the_page_faults_of_a_step(keep):
     # in a fresh process (mallopt's setting is the whole process's), a working set of four 16 MiB
