@@ -330,8 +330,10 @@ def test_failure_while_writing_leaves_no_trace(tmp_path, corpus, old_pack, monke
 def cli(*args, wait=True):
     """python pack.py ARGS in a subprocess: the CompletedProcess, or the Popen with wait=False."""
     cmd = [sys.executable, os.path.join(ROOT, "pack.py"), *map(str, args)]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if not wait:   # to be interrupted: Ctrl-C's default action even where this test runs with it ignored
+        # (a background job of a shell without job control), which the child would inherit
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
