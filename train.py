@@ -399,7 +399,8 @@ def codes_with_this_one(codes, log):
 # one is freed, up to 32 MiB), and it gives the top of its heap back whenever more than twice the
 # threshold is free there. A CPU training step frees all its activations at its end and allocates
 # them again in the next step, so under these defaults it faults the same pages in anew each step:
-# 2,000-5,000 page faults a step at the CPU demo's shape, for nanoGPT's model as for ours.
+# thousands of page faults a step at the CPU demo's shape (2,000-8,000 measured), for nanoGPT's model
+# as for ours.
 # mallopt's parameters, from glibc's <malloc.h>:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
@@ -408,8 +409,8 @@ def keep_freed_memory():
     """Make glibc's malloc keep the memory a training step frees for the next step (blocks under
     1 GiB, a free heap top under 2 GiB) instead of giving it back to the kernel. The process then
     holds on to its peak memory until it exits, a peak a training run reaches every step anyway.
-    Numbers are unchanged; bench/bench_model.py prints the time it saves a step at a given shape
-    (about a tenth at the CPU demo's). True if set; False where the C library is not glibc (macOS,
+    Numbers are unchanged; bench/bench_train.py measures the time it saves a step (about 6% at
+    the CPU demo's shape). True if set; False where the C library is not glibc (macOS,
     musl), which is left as it is."""
     if platform.libc_ver()[0] != "glibc":
         return False

@@ -24,8 +24,8 @@ mean with a t-based 95% interval. Pairs run at the same moment, so the machine's
 import contextlib
 import io
 import json
-import os
 import math
+import os
 import shutil
 import subprocess
 import sys
