@@ -180,8 +180,9 @@ def test_weight_decay_groups():
 def test_keep_freed_memory_stops_the_page_faults_of_a_step(keep):
     # in a fresh process (mallopt's setting is the whole process's), a working set of four 16 MiB
     # tensors (16,384 pages) allocated and freed 20 times, as training steps do with activations.
-    # Under glibc's initial thresholds (128 KiB, held fixed) every tensor is mapped and unmapped, so its pages fault in every time; under
-    # keep_freed_memory they stay in the heap and fault in during the first steps only
+    # Under glibc's initial thresholds (128 KiB, held fixed) every tensor is mapped and unmapped, so
+    # its pages fault in every time; under keep_freed_memory they stay in the heap and fault in
+    # during the first steps only
     setting = ("train.keep_freed_memory()" if keep else
                "[ctypes.CDLL('libc.so.6').mallopt(m, 128 << 10) for m in (train.M_MMAP_THRESHOLD, train.M_TRIM_THRESHOLD)]")
     code = ("import ctypes, resource, torch, train\n"
